@@ -1,0 +1,1 @@
+../messaging/0001_messaging.sql

@@ -1,0 +1,3 @@
+//! The order saga orchestrator.
+
+pub mod saga;

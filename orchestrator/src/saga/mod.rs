@@ -1,0 +1,3 @@
+//! The saga: the pure machine and the Postgres-backed driver around it.
+
+pub mod machine;

@@ -1,0 +1,532 @@
+//! The wire contract: envelopes, commands, replies, order events and subject names.
+//!
+//! Plain data only (no tokio, sqlx or NATS here), so that every service and every test reads the
+//! same definitions. Changes are additive; a breaking change gets a new `version` and subject.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// The only wire version this build speaks. Messages with another version are dead-lettered.
+pub const WIRE_VERSION: u32 = 1;
+
+/// Stream holding commands to participants (work-queue retention).
+pub const STREAM_CMD: &str = "SAGA_CMD";
+/// Stream holding participants' replies to the orchestrator (work-queue retention).
+pub const STREAM_REPLY: &str = "SAGA_REPLY";
+/// Stream holding order lifecycle events for any subscriber (limits retention).
+pub const STREAM_ORDERS: &str = "ORDERS";
+/// Stream holding dead letters (`saga.dlq.<original subject>`).
+pub const STREAM_DLQ: &str = "SAGA_DLQ";
+
+/// Subject prefix of dead letters; the original subject follows it.
+pub const DLQ_PREFIX: &str = "saga.dlq.";
+
+/// NATS header names. async-nats header names are case-sensitive, so these are the one spelling.
+pub mod header {
+    /// JetStream de-duplication id: the outbox row id.
+    pub const MSG_ID: &str = "Nats-Msg-Id";
+    /// The saga (= order) the message belongs to.
+    pub const SAGA_ID: &str = "Saga-Id";
+    /// The envelope's `type`, so tools can route without decoding the payload.
+    pub const MESSAGE_TYPE: &str = "Message-Type";
+    /// The message id that caused this one (a reply names its command).
+    pub const CAUSATION_ID: &str = "Causation-Id";
+    /// Dead letters: why the message was set aside.
+    pub const DLQ_ERROR: &str = "Dlq-Error";
+    /// Dead letters: the subject the message was first published on.
+    pub const DLQ_SUBJECT: &str = "Dlq-Original-Subject";
+    /// Dead letters: how many times it had been delivered.
+    pub const DLQ_DELIVERIES: &str = "Dlq-Delivery-Count";
+    /// Dead letters: when it was set aside (RFC 3339).
+    pub const DLQ_AT: &str = "Dlq-At";
+    /// Dead letters: the consumer that gave up on it.
+    pub const DLQ_CONSUMER: &str = "Dlq-Consumer";
+}
+
+/// A participant service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Participant {
+    /// Stock reservations.
+    Inventory,
+    /// Charges and refunds.
+    Payment,
+    /// Shipments.
+    Shipping,
+}
+
+impl Participant {
+    /// Every participant, in saga order.
+    pub const ALL: [Participant; 3] = [
+        Participant::Inventory,
+        Participant::Payment,
+        Participant::Shipping,
+    ];
+
+    /// The lowercase name used in subjects, consumer names and databases.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Participant::Inventory => "inventory",
+            Participant::Payment => "payment",
+            Participant::Shipping => "shipping",
+        }
+    }
+
+    /// The filter subject of this participant's command consumer.
+    pub fn command_filter(self) -> String {
+        format!("saga.cmd.{}.>", self.as_str())
+    }
+}
+
+/// Why an order was cancelled or failed. Serialized names are part of the API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CancelReason {
+    /// Inventory refused the reservation (unknown product or too little stock).
+    InventoryRejected,
+    /// The payment was declined.
+    PaymentDeclined,
+    /// The shipment failed.
+    ShippingFailed,
+    /// A user asked to cancel.
+    CancelRequested,
+    /// A step got no answer within its retry budget.
+    TimedOut,
+}
+
+impl CancelReason {
+    /// The API spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CancelReason::InventoryRejected => "inventory_rejected",
+            CancelReason::PaymentDeclined => "payment_declined",
+            CancelReason::ShippingFailed => "shipping_failed",
+            CancelReason::CancelRequested => "cancel_requested",
+            CancelReason::TimedOut => "timed_out",
+        }
+    }
+
+    /// Parses the API spelling.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "inventory_rejected" => CancelReason::InventoryRejected,
+            "payment_declined" => CancelReason::PaymentDeclined,
+            "shipping_failed" => CancelReason::ShippingFailed,
+            "cancel_requested" => CancelReason::CancelRequested,
+            "timed_out" => CancelReason::TimedOut,
+            _ => return None,
+        })
+    }
+}
+
+/// One order line as the participants see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Line {
+    /// Product identifier (1 to 64 characters).
+    pub product_id: String,
+    /// Units (1 to 1000).
+    pub quantity: i32,
+}
+
+/// `inventory.reserve`: hold stock for every line, or none.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReserveInventory {
+    /// The order.
+    pub order_id: Uuid,
+    /// What to hold.
+    pub lines: Vec<Line>,
+}
+
+/// `payment.charge`: charge the customer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChargePayment {
+    /// The order.
+    pub order_id: Uuid,
+    /// Who pays.
+    pub customer_id: String,
+    /// How much, in minor units.
+    pub amount_cents: i64,
+}
+
+/// `shipping.ship`: ship the order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShipOrder {
+    /// The order.
+    pub order_id: Uuid,
+    /// Who receives it.
+    pub customer_id: String,
+}
+
+/// A command or reply that only names the order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrderRef {
+    /// The order.
+    pub order_id: Uuid,
+}
+
+/// A negative reply, with the participant's reason in human words.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refusal {
+    /// The order.
+    pub order_id: Uuid,
+    /// Why, for people (shown as `cancel_detail`).
+    pub reason: String,
+}
+
+/// `payment.charged`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Charged {
+    /// The order.
+    pub order_id: Uuid,
+    /// The amount charged, in minor units.
+    pub amount_cents: i64,
+}
+
+/// An order lifecycle event on `orders.<event>.v1`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrderEvent {
+    /// The order.
+    pub order_id: Uuid,
+    /// The API status after the event.
+    pub status: String,
+    /// Set when cancelled or failed.
+    pub cancel_reason: Option<CancelReason>,
+    /// Human words for the reason.
+    pub cancel_detail: Option<String>,
+    /// The order total, in minor units.
+    pub total_cents: i64,
+}
+
+/// Every message body on the wire, tagged by `type` with its data in `payload`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", content = "payload")]
+pub enum Body {
+    /// Command to inventory.
+    #[serde(rename = "inventory.reserve")]
+    ReserveInventory(ReserveInventory),
+    /// Compensation command to inventory: give the stock back (also before a reservation).
+    #[serde(rename = "inventory.release")]
+    ReleaseInventory(OrderRef),
+    /// Command to payment.
+    #[serde(rename = "payment.charge")]
+    ChargePayment(ChargePayment),
+    /// Compensation command to payment: refund (also before a charge, which then never happens).
+    #[serde(rename = "payment.refund")]
+    RefundPayment(OrderRef),
+    /// Command to shipping.
+    #[serde(rename = "shipping.ship")]
+    ShipOrder(ShipOrder),
+    /// Command to shipping: stop a shipment that has not gone out; answered `shipped` if too late.
+    #[serde(rename = "shipping.cancel")]
+    CancelShipment(OrderRef),
+    /// Reply from inventory.
+    #[serde(rename = "inventory.reserved")]
+    InventoryReserved(OrderRef),
+    /// Reply from inventory.
+    #[serde(rename = "inventory.rejected")]
+    InventoryRejected(Refusal),
+    /// Reply from inventory.
+    #[serde(rename = "inventory.released")]
+    InventoryReleased(OrderRef),
+    /// Reply from payment.
+    #[serde(rename = "payment.charged")]
+    PaymentCharged(Charged),
+    /// Reply from payment.
+    #[serde(rename = "payment.declined")]
+    PaymentDeclined(Refusal),
+    /// Reply from payment.
+    #[serde(rename = "payment.refunded")]
+    PaymentRefunded(OrderRef),
+    /// Reply from shipping.
+    #[serde(rename = "shipping.shipped")]
+    Shipped(OrderRef),
+    /// Reply from shipping.
+    #[serde(rename = "shipping.failed")]
+    ShippingFailed(Refusal),
+    /// Order event.
+    #[serde(rename = "orders.created")]
+    OrderCreated(OrderEvent),
+    /// Order event (shipped).
+    #[serde(rename = "orders.completed")]
+    OrderCompleted(OrderEvent),
+    /// Order event.
+    #[serde(rename = "orders.cancelled")]
+    OrderCancelled(OrderEvent),
+    /// Order event (compensation gave up; needs an operator).
+    #[serde(rename = "orders.failed")]
+    OrderFailed(OrderEvent),
+}
+
+impl Body {
+    /// The `type` tag, as it appears in the envelope and the `Message-Type` header.
+    pub fn message_type(&self) -> &'static str {
+        match self {
+            Body::ReserveInventory(_) => "inventory.reserve",
+            Body::ReleaseInventory(_) => "inventory.release",
+            Body::ChargePayment(_) => "payment.charge",
+            Body::RefundPayment(_) => "payment.refund",
+            Body::ShipOrder(_) => "shipping.ship",
+            Body::CancelShipment(_) => "shipping.cancel",
+            Body::InventoryReserved(_) => "inventory.reserved",
+            Body::InventoryRejected(_) => "inventory.rejected",
+            Body::InventoryReleased(_) => "inventory.released",
+            Body::PaymentCharged(_) => "payment.charged",
+            Body::PaymentDeclined(_) => "payment.declined",
+            Body::PaymentRefunded(_) => "payment.refunded",
+            Body::Shipped(_) => "shipping.shipped",
+            Body::ShippingFailed(_) => "shipping.failed",
+            Body::OrderCreated(_) => "orders.created",
+            Body::OrderCompleted(_) => "orders.completed",
+            Body::OrderCancelled(_) => "orders.cancelled",
+            Body::OrderFailed(_) => "orders.failed",
+        }
+    }
+
+    /// The subject this body is published on: `saga.cmd.<participant>.<action>.v1`,
+    /// `saga.reply.<participant>.<outcome>.v1` or `orders.<event>.v1`.
+    pub fn subject(&self) -> String {
+        let ty = self.message_type();
+        let kind = match self {
+            Body::ReserveInventory(_)
+            | Body::ReleaseInventory(_)
+            | Body::ChargePayment(_)
+            | Body::RefundPayment(_)
+            | Body::ShipOrder(_)
+            | Body::CancelShipment(_) => "saga.cmd.",
+            Body::OrderCreated(_)
+            | Body::OrderCompleted(_)
+            | Body::OrderCancelled(_)
+            | Body::OrderFailed(_) => "",
+            _ => "saga.reply.",
+        };
+        format!("{kind}{ty}.v{WIRE_VERSION}")
+    }
+
+    /// The order this message is about.
+    pub fn order_id(&self) -> Uuid {
+        match self {
+            Body::ReserveInventory(c) => c.order_id,
+            Body::ChargePayment(c) => c.order_id,
+            Body::ShipOrder(c) => c.order_id,
+            Body::ReleaseInventory(r)
+            | Body::RefundPayment(r)
+            | Body::CancelShipment(r)
+            | Body::InventoryReserved(r)
+            | Body::InventoryReleased(r)
+            | Body::PaymentRefunded(r)
+            | Body::Shipped(r) => r.order_id,
+            Body::InventoryRejected(r) | Body::PaymentDeclined(r) | Body::ShippingFailed(r) => {
+                r.order_id
+            }
+            Body::PaymentCharged(c) => c.order_id,
+            Body::OrderCreated(e)
+            | Body::OrderCompleted(e)
+            | Body::OrderCancelled(e)
+            | Body::OrderFailed(e) => e.order_id,
+        }
+    }
+}
+
+/// The envelope every message travels in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Envelope {
+    /// Unique per publish; also the `Nats-Msg-Id` and the inbox key.
+    pub message_id: Uuid,
+    /// The saga (= the order id).
+    pub saga_id: Uuid,
+    /// The message that caused this one, if any.
+    pub causation_id: Option<Uuid>,
+    /// Wire version of `type`.
+    pub version: u32,
+    /// When the sender decided to send it.
+    pub occurred_at: DateTime<Utc>,
+    /// `type` and `payload`.
+    #[serde(flatten)]
+    pub body: Body,
+}
+
+/// Why bytes off the wire are not a message this build understands. Always permanent:
+/// the message goes to the dead-letter stream.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    /// Not JSON, a missing field, a wrong type or an unknown `type`.
+    #[error("malformed message: {0}")]
+    Malformed(#[from] serde_json::Error),
+    /// A version this build does not speak.
+    #[error("unsupported version {version} of message type {message_type}")]
+    UnsupportedVersion {
+        /// The envelope's `type`.
+        message_type: &'static str,
+        /// The envelope's `version`.
+        version: u32,
+    },
+}
+
+impl Envelope {
+    /// A new envelope with a fresh time-ordered id.
+    pub fn new(saga_id: Uuid, causation_id: Option<Uuid>, body: Body) -> Self {
+        Envelope {
+            message_id: Uuid::now_v7(),
+            saga_id,
+            causation_id,
+            version: WIRE_VERSION,
+            occurred_at: Utc::now(),
+            body,
+        }
+    }
+
+    /// Serializes to the JSON payload.
+    pub fn encode(&self) -> Vec<u8> {
+        // Serializing plain derived data into a Vec cannot fail.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// Parses a payload and checks its version.
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        let envelope: Envelope = serde_json::from_slice(bytes)?;
+        if envelope.version != WIRE_VERSION {
+            return Err(DecodeError::UnsupportedVersion {
+                message_type: envelope.body.message_type(),
+                version: envelope.version,
+            });
+        }
+        Ok(envelope)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample_bodies() -> Vec<Body> {
+        let order_id = Uuid::nil();
+        let r = OrderRef { order_id };
+        let no = Refusal {
+            order_id,
+            reason: "no".into(),
+        };
+        let ev = OrderEvent {
+            order_id,
+            status: "created".into(),
+            cancel_reason: None,
+            cancel_detail: None,
+            total_cents: 5,
+        };
+        vec![
+            Body::ReserveInventory(ReserveInventory {
+                order_id,
+                lines: vec![Line {
+                    product_id: "p".into(),
+                    quantity: 1,
+                }],
+            }),
+            Body::ReleaseInventory(r.clone()),
+            Body::ChargePayment(ChargePayment {
+                order_id,
+                customer_id: "c".into(),
+                amount_cents: 5,
+            }),
+            Body::RefundPayment(r.clone()),
+            Body::ShipOrder(ShipOrder {
+                order_id,
+                customer_id: "c".into(),
+            }),
+            Body::CancelShipment(r.clone()),
+            Body::InventoryReserved(r.clone()),
+            Body::InventoryRejected(no.clone()),
+            Body::InventoryReleased(r.clone()),
+            Body::PaymentCharged(Charged {
+                order_id,
+                amount_cents: 5,
+            }),
+            Body::PaymentDeclined(no.clone()),
+            Body::PaymentRefunded(r.clone()),
+            Body::Shipped(r),
+            Body::ShippingFailed(no),
+            Body::OrderCreated(ev.clone()),
+            Body::OrderCompleted(ev.clone()),
+            Body::OrderCancelled(ev.clone()),
+            Body::OrderFailed(ev),
+        ]
+    }
+
+    #[test]
+    fn every_message_type_round_trips_through_its_wire_form() {
+        for body in sample_bodies() {
+            let env = Envelope::new(Uuid::nil(), Some(Uuid::nil()), body);
+            let decoded = Envelope::decode(&env.encode()).unwrap();
+            assert_eq!(decoded, env);
+        }
+    }
+
+    #[test]
+    fn subjects_follow_the_documented_scheme() {
+        let subjects: Vec<String> = sample_bodies().iter().map(Body::subject).collect();
+        assert!(subjects.contains(&"saga.cmd.payment.charge.v1".to_string()));
+        assert!(subjects.contains(&"saga.reply.payment.declined.v1".to_string()));
+        assert!(subjects.contains(&"saga.cmd.inventory.release.v1".to_string()));
+        assert!(subjects.contains(&"orders.completed.v1".to_string()));
+        for s in &subjects {
+            assert!(s.ends_with(".v1"), "{s}");
+        }
+    }
+
+    #[test]
+    fn the_envelope_has_a_stable_json_shape() {
+        let env = Envelope {
+            message_id: Uuid::nil(),
+            saga_id: Uuid::nil(),
+            causation_id: None,
+            version: 1,
+            occurred_at: DateTime::from_timestamp(0, 0).unwrap(),
+            body: Body::RefundPayment(OrderRef {
+                order_id: Uuid::nil(),
+            }),
+        };
+        let json = serde_json::to_value(&env).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "message_id": "00000000-0000-0000-0000-000000000000",
+                "saga_id": "00000000-0000-0000-0000-000000000000",
+                "causation_id": null,
+                "version": 1,
+                "occurred_at": "1970-01-01T00:00:00Z",
+                "type": "payment.refund",
+                "payload": {"order_id": "00000000-0000-0000-0000-000000000000"}
+            })
+        );
+    }
+
+    #[test]
+    fn garbage_unknown_types_and_unknown_versions_are_rejected() {
+        assert!(matches!(
+            Envelope::decode(b"not json"),
+            Err(DecodeError::Malformed(_))
+        ));
+        let mut v = serde_json::to_value(Envelope::new(
+            Uuid::nil(),
+            None,
+            Body::Shipped(OrderRef {
+                order_id: Uuid::nil(),
+            }),
+        ))
+        .unwrap();
+        v["type"] = "shipping.teleported".into();
+        assert!(matches!(
+            Envelope::decode(&serde_json::to_vec(&v).unwrap()),
+            Err(DecodeError::Malformed(_))
+        ));
+        v["type"] = "shipping.shipped".into();
+        v["version"] = 2.into();
+        assert!(matches!(
+            Envelope::decode(&serde_json::to_vec(&v).unwrap()),
+            Err(DecodeError::UnsupportedVersion { version: 2, .. })
+        ));
+        v["version"] = 1.into();
+        v["payload"] = serde_json::json!({"order_id": 7});
+        assert!(Envelope::decode(&serde_json::to_vec(&v).unwrap()).is_err());
+    }
+}

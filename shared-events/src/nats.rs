@@ -1,0 +1,190 @@
+//! NATS connection and idempotent JetStream topology (streams and durable pull consumers).
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, stream};
+
+use crate::contract::{STREAM_CMD, STREAM_DLQ, STREAM_ORDERS, STREAM_REPLY};
+
+/// Failures talking to NATS during start-up or readiness checks.
+#[derive(Debug, thiserror::Error)]
+pub enum NatsError {
+    /// The server could not be reached.
+    #[error("cannot connect to NATS at {url}: {source}")]
+    Connect {
+        /// The URL tried.
+        url: String,
+        /// Why.
+        source: async_nats::ConnectError,
+    },
+    /// A stream could not be created or updated.
+    #[error("cannot create or update stream {name}: {source}")]
+    Stream {
+        /// The stream.
+        name: String,
+        /// Why.
+        source: async_nats::jetstream::context::CreateStreamError,
+    },
+    /// A stream is missing.
+    #[error("stream {name} is not available: {source}")]
+    GetStream {
+        /// The stream.
+        name: String,
+        /// Why.
+        source: async_nats::jetstream::context::GetStreamError,
+    },
+    /// A consumer could not be created or updated.
+    #[error("cannot create or update consumer {name}: {source}")]
+    Consumer {
+        /// The durable name.
+        name: String,
+        /// Why.
+        source: async_nats::jetstream::stream::ConsumerError,
+    },
+}
+
+/// Connects with a client name and unlimited reconnects, retrying the first connection for up to
+/// `wait` so services can start before the broker.
+pub async fn connect(url: &str, name: &str, wait: Duration) -> Result<async_nats::Client, NatsError> {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let opts = async_nats::ConnectOptions::new()
+            .name(name)
+            .connection_timeout(Duration::from_secs(3))
+            .max_reconnects(None)
+            .event_callback(|event| async move {
+                match event {
+                    async_nats::Event::Connected => tracing::info!("NATS connected"),
+                    async_nats::Event::Disconnected => tracing::warn!("NATS disconnected"),
+                    other => tracing::debug!(event = %other, "NATS event"),
+                }
+            });
+        match opts.connect(url).await {
+            Ok(client) => return Ok(client),
+            Err(source) if tokio::time::Instant::now() >= deadline => {
+                return Err(NatsError::Connect {
+                    url: url.to_string(),
+                    source,
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "NATS not reachable yet; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+}
+
+/// The stream definitions every service agrees on.
+pub fn stream_configs() -> Vec<stream::Config> {
+    let dedup = Duration::from_secs(120);
+    vec![
+        stream::Config {
+            name: STREAM_CMD.into(),
+            subjects: vec!["saga.cmd.>".into()],
+            retention: stream::RetentionPolicy::WorkQueue,
+            storage: stream::StorageType::File,
+            duplicate_window: dedup,
+            ..Default::default()
+        },
+        stream::Config {
+            name: STREAM_REPLY.into(),
+            subjects: vec!["saga.reply.>".into()],
+            retention: stream::RetentionPolicy::WorkQueue,
+            storage: stream::StorageType::File,
+            duplicate_window: dedup,
+            ..Default::default()
+        },
+        stream::Config {
+            name: STREAM_ORDERS.into(),
+            subjects: vec!["orders.>".into()],
+            retention: stream::RetentionPolicy::Limits,
+            storage: stream::StorageType::File,
+            duplicate_window: dedup,
+            max_age: Duration::from_secs(7 * 24 * 3600),
+            ..Default::default()
+        },
+        stream::Config {
+            name: STREAM_DLQ.into(),
+            subjects: vec!["saga.dlq.>".into()],
+            retention: stream::RetentionPolicy::Limits,
+            storage: stream::StorageType::File,
+            duplicate_window: dedup,
+            max_age: Duration::from_secs(30 * 24 * 3600),
+            ..Default::default()
+        },
+    ]
+}
+
+/// Creates or updates every stream (safe to run from every replica at every start).
+pub async fn ensure_streams(js: &jetstream::Context) -> Result<(), NatsError> {
+    for config in stream_configs() {
+        let name = config.name.clone();
+        js.create_or_update_stream(config)
+            .await
+            .map_err(|source| NatsError::Stream { name, source })?;
+    }
+    Ok(())
+}
+
+/// Checks that every stream exists (readiness).
+pub async fn check_streams(js: &jetstream::Context) -> Result<(), NatsError> {
+    for config in stream_configs() {
+        js.get_stream(&config.name)
+            .await
+            .map_err(|source| NatsError::GetStream {
+                name: config.name.clone(),
+                source,
+            })?;
+    }
+    Ok(())
+}
+
+/// A durable pull consumer shared by all replicas of one service.
+#[derive(Debug, Clone)]
+pub struct ConsumerSpec {
+    /// The stream it reads.
+    pub stream: String,
+    /// Durable name (one per service kind, shared by replicas).
+    pub durable: String,
+    /// Subject filter.
+    pub filter_subject: String,
+    /// Deliveries before the message is dead-lettered.
+    pub max_deliver: i64,
+    /// How long a delivery may stay unacknowledged before redelivery.
+    pub ack_wait: Duration,
+    /// Messages a replica handles at once.
+    pub concurrency: usize,
+}
+
+impl ConsumerSpec {
+    /// Creates or updates the durable consumer.
+    pub async fn ensure(
+        &self,
+        js: &jetstream::Context,
+    ) -> Result<consumer::Consumer<consumer::pull::Config>, NatsError> {
+        let stream = js
+            .get_stream(&self.stream)
+            .await
+            .map_err(|source| NatsError::GetStream {
+                name: self.stream.clone(),
+                source,
+            })?;
+        stream
+            .create_consumer(consumer::pull::Config {
+                durable_name: Some(self.durable.clone()),
+                filter_subject: self.filter_subject.clone(),
+                ack_policy: consumer::AckPolicy::Explicit,
+                ack_wait: self.ack_wait,
+                // One more than we act on, so our own dead-lettering at `max_deliver` runs first.
+                max_deliver: self.max_deliver + 1,
+                max_ack_pending: (self.concurrency as i64 * 4).max(256),
+                ..Default::default()
+            })
+            .await
+            .map_err(|source| NatsError::Consumer {
+                name: self.durable.clone(),
+                source,
+            })
+    }
+}

@@ -5,6 +5,7 @@
 //! consumer loop with dead-lettering, trace propagation, Postgres start-up, HTTP plumbing and
 //! telemetry. Each concept lives here once.
 
+pub mod config;
 pub mod consumer;
 pub mod contract;
 pub mod db;
@@ -13,6 +14,7 @@ pub mod inbox;
 pub mod nats;
 pub mod outbox;
 pub mod propagation;
+pub mod service;
 pub mod telemetry;
 
 pub use contract::*;

@@ -250,3 +250,16 @@ async fn wait_notification(listener: &mut Option<PgListener>) {
         None => std::future::pending().await,
     }
 }
+
+/// Keeps the `outbox_pending` gauge current until `shutdown`.
+pub async fn watch_pending(pool: PgPool, shutdown: CancellationToken) {
+    loop {
+        if let Ok(n) = pending(&pool).await {
+            metrics::gauge!("outbox_pending").set(n as f64);
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+        }
+    }
+}

@@ -1,0 +1,4 @@
+fn main() {
+    println!("cargo:rerun-if-changed=../migrations/orchestrator");
+    println!("cargo:rerun-if-changed=../migrations/messaging");
+}

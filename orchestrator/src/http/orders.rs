@@ -1,0 +1,264 @@
+//! `/orders`: create, read, list, cancel and retry orders.
+
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use saga_shared_events::http::{ApiJson, FieldError, Problem};
+
+use super::AppState;
+use super::error::ApiError;
+use crate::saga::store::{Created, Item, NewOrder, OrderView};
+
+/// Statuses a list may filter on.
+pub const STATUSES: [&str; 8] = [
+    "created",
+    "inventory_reserved",
+    "paid",
+    "shipped",
+    "refunding_payment",
+    "releasing_inventory",
+    "cancelled",
+    "failed",
+];
+
+/// Routes under `/orders`.
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/orders", post(create_order).get(list_orders))
+        .route("/orders/{id}", get(get_order))
+        .route("/orders/{id}/cancel", post(cancel_order))
+        .route("/orders/{id}/retry", post(retry_order))
+}
+
+/// The body of `POST /orders`. Unknown fields are refused.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateOrderRequest {
+    customer_id: String,
+    items: Vec<ItemRequest>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ItemRequest {
+    product_id: String,
+    quantity: i64,
+    unit_price_cents: i64,
+}
+
+impl CreateOrderRequest {
+    /// Checks every field and reports every violation at once.
+    pub fn validate(self) -> Result<NewOrder, Problem> {
+        let mut errors = Vec::new();
+        check_id(&mut errors, "customer_id", &self.customer_id);
+        if self.items.is_empty() || self.items.len() > 100 {
+            errors.push(FieldError::new("items", "must hold 1 to 100 items"));
+        }
+        for (i, item) in self.items.iter().enumerate() {
+            check_id(&mut errors, &format!("items[{i}].product_id"), &item.product_id);
+            if !(1..=1000).contains(&item.quantity) {
+                errors.push(FieldError::new(
+                    format!("items[{i}].quantity"),
+                    "must be 1 to 1000",
+                ));
+            }
+            if !(0..=1_000_000_000).contains(&item.unit_price_cents) {
+                errors.push(FieldError::new(
+                    format!("items[{i}].unit_price_cents"),
+                    "must be 0 to 1000000000",
+                ));
+            }
+        }
+        if !errors.is_empty() {
+            return Err(Problem::invalid(errors));
+        }
+        Ok(NewOrder {
+            customer_id: self.customer_id,
+            items: self
+                .items
+                .into_iter()
+                .map(|i| Item {
+                    product_id: i.product_id,
+                    quantity: i.quantity,
+                    unit_price_cents: i.unit_price_cents,
+                })
+                .collect(),
+        })
+    }
+}
+
+fn check_id(errors: &mut Vec<FieldError>, field: &str, value: &str) {
+    let len = value.chars().count();
+    if !(1..=64).contains(&len) {
+        errors.push(FieldError::new(field, "must be 1 to 64 characters"));
+    } else if value.chars().any(char::is_control) {
+        errors.push(FieldError::new(field, "must not contain control characters"));
+    }
+}
+
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Problem> {
+    let Some(v) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    match v.to_str() {
+        Ok(s) if (1..=255).contains(&s.len()) => Ok(Some(s.to_owned())),
+        _ => Err(Problem::invalid(vec![FieldError::new(
+            "Idempotency-Key",
+            "must be 1 to 255 visible ASCII characters",
+        )])),
+    }
+}
+
+#[tracing::instrument(name = "create order", skip_all, fields(saga_id = tracing::field::Empty))]
+async fn create_order(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<CreateOrderRequest>,
+) -> Result<Response, ApiError> {
+    let key = idempotency_key(&headers)?;
+    let order = body.validate()?;
+    let created = state.store.create(&order, key.as_deref()).await?;
+    let (status, view) = match created {
+        Created::New(v) => (StatusCode::ACCEPTED, v),
+        Created::Replayed(v) => (StatusCode::OK, v),
+    };
+    tracing::Span::current().record("saga_id", tracing::field::display(view.id));
+    let location = format!("/orders/{}", view.id);
+    let mut res = (status, Json(view)).into_response();
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        res.headers_mut().insert(header::LOCATION, v);
+    }
+    Ok(res)
+}
+
+fn parse_id(id: &str) -> Result<Uuid, Problem> {
+    Uuid::parse_str(id).map_err(|_| Problem::not_found(format!("order {id:?} not found")))
+}
+
+async fn get_order(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<OrderView>, ApiError> {
+    let id = parse_id(&id)?;
+    Ok(Json(state.store.get(id).await?))
+}
+
+/// Query of `GET /orders`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    status: Option<String>,
+    limit: Option<String>,
+    after: Option<String>,
+}
+
+/// A page of orders.
+#[derive(Debug, Serialize)]
+pub struct OrderPage {
+    orders: Vec<OrderView>,
+    /// Cursor for the next page (`after=`), absent on the last page.
+    next: Option<String>,
+}
+
+async fn list_orders(
+    State(state): State<AppState>,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<OrderPage>, ApiError> {
+    let Query(q) = query.map_err(|e| {
+        Problem::invalid(vec![FieldError::new("query", e.body_text())])
+    })?;
+    let mut errors = Vec::new();
+    if let Some(s) = &q.status
+        && !STATUSES.contains(&s.as_str())
+    {
+        errors.push(FieldError::new(
+            "status",
+            format!("must be one of {}", STATUSES.join(", ")),
+        ));
+    }
+    let limit = match q.limit.as_deref().map(str::parse::<i64>) {
+        None => 50,
+        Some(Ok(n)) if (1..=500).contains(&n) => n,
+        Some(_) => {
+            errors.push(FieldError::new("limit", "must be 1 to 500"));
+            50
+        }
+    };
+    let after = match q.after.as_deref().map(Uuid::parse_str) {
+        None => None,
+        Some(Ok(id)) => Some(id),
+        Some(Err(_)) => {
+            errors.push(FieldError::new("after", "must be a cursor from a previous page"));
+            None
+        }
+    };
+    if !errors.is_empty() {
+        return Err(Problem::invalid(errors).into());
+    }
+    let orders = state.store.list(q.status.as_deref(), limit, after).await?;
+    let next = (orders.len() as i64 == limit)
+        .then(|| orders.last().map(|o| o.id.to_string()))
+        .flatten();
+    Ok(Json(OrderPage { orders, next }))
+}
+
+async fn cancel_order(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let id = parse_id(&id)?;
+    state.store.cancel(id).await?;
+    Ok((StatusCode::ACCEPTED, Json(state.store.get(id).await?)).into_response())
+}
+
+async fn retry_order(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let id = parse_id(&id)?;
+    state.store.retry(id).await?;
+    Ok((StatusCode::ACCEPTED, Json(state.store.get(id).await?)).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validation_names_every_offending_field() {
+        let req: CreateOrderRequest = serde_json::from_value(serde_json::json!({
+            "customer_id": "",
+            "items": [
+                {"product_id": "ok", "quantity": 0, "unit_price_cents": -1},
+                {"product_id": "x".repeat(65), "quantity": 1001, "unit_price_cents": 1_000_000_001i64}
+            ]
+        }))
+        .unwrap();
+        let p = req.validate().unwrap_err();
+        let fields: Vec<&str> = p.errors.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "customer_id",
+                "items[0].quantity",
+                "items[0].unit_price_cents",
+                "items[1].product_id",
+                "items[1].quantity",
+                "items[1].unit_price_cents"
+            ]
+        );
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let r = serde_json::from_value::<CreateOrderRequest>(serde_json::json!({
+            "customer_id": "c", "items": [], "coupon": "FREE"
+        }));
+        assert!(r.is_err());
+    }
+}

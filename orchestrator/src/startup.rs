@@ -1,0 +1,121 @@
+//! Wiring: settings to a running orchestrator.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use saga_shared_events::consumer;
+use saga_shared_events::contract::STREAM_REPLY;
+use saga_shared_events::nats::ConsumerSpec;
+use saga_shared_events::service::{Runtime, StartupError};
+
+use crate::config::Settings;
+use crate::consumer::ReplyHandler;
+use crate::http::{AppState, api_router};
+use crate::saga::machine::Policy;
+use crate::saga::store::{SagaStore, Timing};
+
+/// The orchestrator's migrations (messaging tables, sagas).
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/orchestrator");
+
+/// Durable consumer name of the reply consumer, shared by all replicas.
+pub const REPLY_CONSUMER: &str = "orchestrator";
+
+/// A connected orchestrator, ready to run.
+pub struct Application {
+    runtime: Runtime,
+    settings: Settings,
+    store: SagaStore,
+}
+
+impl Application {
+    /// Connects to Postgres and NATS and prepares the schema and streams.
+    pub async fn build(settings: Settings, shutdown: CancellationToken) -> Result<Self, StartupError> {
+        let runtime = Runtime::connect("orchestrator", &settings.common, &MIGRATOR, shutdown).await?;
+        let store = SagaStore::new(
+            runtime.pool.clone(),
+            Policy {
+                step_max_attempts: settings.step_max_attempts,
+                compensation_max_attempts: settings.compensation_max_attempts,
+            },
+            Timing {
+                step_timeout: Duration::from_millis(settings.step_timeout_ms),
+            },
+            settings.jaeger_ui_url.clone(),
+        );
+        Ok(Application {
+            runtime,
+            settings,
+            store,
+        })
+    }
+
+    /// Serves the API and runs the reply consumer, the deadline sweeper and the outbox relay
+    /// until shutdown.
+    pub async fn run_until_stopped(self) -> Result<(), StartupError> {
+        let rt = self.runtime;
+        let spec = ConsumerSpec {
+            stream: STREAM_REPLY.into(),
+            durable: REPLY_CONSUMER.into(),
+            filter_subject: "saga.reply.>".into(),
+            max_deliver: 10,
+            ack_wait: Duration::from_secs(30),
+            concurrency: self.settings.common.consumer_concurrency as usize,
+        };
+        let handler = Arc::new(ReplyHandler {
+            store: self.store.clone(),
+        });
+        let js = rt.js.clone();
+        let shutdown = rt.shutdown.clone();
+        let consume: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> =
+            Box::pin(async move {
+                if let Err(e) = consumer::run(js, spec, handler, shutdown.clone()).await {
+                    tracing::error!(error = %e, "reply consumer stopped");
+                    shutdown.cancel();
+                }
+            });
+        let sweep = Box::pin(sweep_deadlines(
+            self.store.clone(),
+            Duration::from_millis(self.settings.step_timeout_ms),
+            rt.shutdown.clone(),
+        ));
+        let prune = Box::pin(prune_inbox(rt.pool.clone(), rt.shutdown.clone()));
+        let api = api_router(AppState { store: self.store });
+        let addr = self.settings.common.http_addr_or(Settings::DEFAULT_PORT);
+        rt.run(addr, api, vec![consume, sweep, prune]).await
+    }
+}
+
+/// Fires `StepTimedOut` at sagas whose deadline passed. Every replica runs one; `skip locked`
+/// keeps them apart.
+async fn sweep_deadlines(store: SagaStore, step_timeout: Duration, shutdown: CancellationToken) {
+    let interval = (step_timeout / 10).clamp(Duration::from_millis(20), Duration::from_secs(1));
+    loop {
+        match store.sweep_due(200).await {
+            Ok(n) if n > 0 => {
+                tracing::debug!(count = n, "deadlines fired");
+                continue;
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "deadline sweep failed"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+    }
+}
+
+/// Drops inbox entries far older than any redelivery.
+pub async fn prune_inbox(pool: sqlx::PgPool, shutdown: CancellationToken) {
+    loop {
+        if let Err(e) = saga_shared_events::inbox::prune(&pool, Duration::from_secs(7 * 24 * 3600)).await {
+            tracing::warn!(error = %e, "inbox prune failed");
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(3600)) => {}
+        }
+    }
+}

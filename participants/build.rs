@@ -1,0 +1,5 @@
+fn main() {
+    for dir in ["inventory", "payment", "shipping", "messaging"] {
+        println!("cargo:rerun-if-changed=../migrations/{dir}");
+    }
+}

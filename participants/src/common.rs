@@ -1,0 +1,279 @@
+//! What the three participants share: the command handler shell (inbox, decision, reply via the
+//! outbox, chaos knobs), chaos settings and the `/chaos` admin endpoint, and start-up.
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use sqlx::PgConnection;
+use tokio_util::sync::CancellationToken;
+
+use saga_shared_events::config::{CommonArgs, parse_rate};
+use saga_shared_events::consumer::{self, Handler, HandlerError, Incoming};
+use saga_shared_events::contract::{Body, Envelope, Participant, STREAM_CMD};
+use saga_shared_events::http::{ApiJson, FieldError, Problem};
+use saga_shared_events::nats::ConsumerSpec;
+use saga_shared_events::outbox::{self, OutgoingMessage};
+use saga_shared_events::service::{Runtime, StartupError};
+use saga_shared_events::{inbox, telemetry};
+
+/// Fault injection for tests and chaos runs; defaults come from the environment, `PUT /chaos`
+/// changes them at run time.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ChaosArgs {
+    /// Probability that handling a command fails transiently (it is then redelivered).
+    #[arg(long, env = "CHAOS_ERROR_RATE", default_value = "0", value_parser = parse_rate)]
+    pub chaos_error_rate: f64,
+    /// Probability that a reply is published twice.
+    #[arg(long, env = "CHAOS_DUPLICATE_RATE", default_value = "0", value_parser = parse_rate)]
+    pub chaos_duplicate_rate: f64,
+    /// Added handler latency in milliseconds (with up to 100 % jitter).
+    #[arg(long, env = "CHAOS_LATENCY_MS", default_value_t = 0,
+          value_parser = clap::value_parser!(u64).range(0..=60_000))]
+    pub chaos_latency_ms: u64,
+}
+
+/// Current chaos and outcome rates of a participant.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Chaos {
+    /// See `CHAOS_ERROR_RATE`.
+    pub error_rate: f64,
+    /// See `CHAOS_DUPLICATE_RATE`.
+    pub duplicate_rate: f64,
+    /// See `CHAOS_LATENCY_MS`.
+    pub latency_ms: u64,
+    /// `PAYMENT_SUCCESS_RATE` or `SHIPPING_SUCCESS_RATE`; absent for inventory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub success_rate: Option<f64>,
+}
+
+impl Chaos {
+    /// From start-up settings.
+    pub fn from_args(a: &ChaosArgs, success_rate: Option<f64>) -> Self {
+        Chaos {
+            error_rate: a.chaos_error_rate,
+            duplicate_rate: a.chaos_duplicate_rate,
+            latency_ms: a.chaos_latency_ms,
+            success_rate,
+        }
+    }
+
+    fn validate(&self, has_success_rate: bool) -> Result<(), Problem> {
+        let mut errors = Vec::new();
+        let rate_ok = |v: f64| (0.0..=1.0).contains(&v);
+        if !rate_ok(self.error_rate) {
+            errors.push(FieldError::new("error_rate", "must be 0.0 to 1.0"));
+        }
+        if !rate_ok(self.duplicate_rate) {
+            errors.push(FieldError::new("duplicate_rate", "must be 0.0 to 1.0"));
+        }
+        if self.latency_ms > 60_000 {
+            errors.push(FieldError::new("latency_ms", "must be 0 to 60000"));
+        }
+        match (self.success_rate, has_success_rate) {
+            (Some(v), true) if !rate_ok(v) => {
+                errors.push(FieldError::new("success_rate", "must be 0.0 to 1.0"))
+            }
+            (Some(_), false) => errors.push(FieldError::new(
+                "success_rate",
+                "this participant has no success rate",
+            )),
+            (None, true) => errors.push(FieldError::new("success_rate", "is required")),
+            _ => {}
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(Problem::invalid(errors))
+        }
+    }
+}
+
+/// Shared, changeable chaos settings.
+pub type ChaosHandle = Arc<RwLock<Chaos>>;
+
+/// Reads the current settings (a poisoned lock still holds valid plain data).
+pub fn current(chaos: &ChaosHandle) -> Chaos {
+    *chaos.read().unwrap_or_else(|e| e.into_inner())
+}
+
+/// `GET /chaos` and `PUT /chaos`.
+pub fn chaos_router(chaos: ChaosHandle) -> Router {
+    Router::new()
+        .route("/chaos", get(get_chaos).put(put_chaos))
+        .with_state(chaos)
+}
+
+async fn get_chaos(State(chaos): State<ChaosHandle>) -> Json<Chaos> {
+    Json(current(&chaos))
+}
+
+async fn put_chaos(
+    State(chaos): State<ChaosHandle>,
+    ApiJson(new): ApiJson<Chaos>,
+) -> Result<Json<Chaos>, Problem> {
+    let has_success_rate = current(&chaos).success_rate.is_some();
+    new.validate(has_success_rate)?;
+    *chaos.write().unwrap_or_else(|e| e.into_inner()) = new;
+    tracing::info!(?new, "chaos settings changed");
+    Ok(Json(new))
+}
+
+/// A participant's business logic: decide the reply to a command inside the transaction that
+/// also records the inbox entry and the reply.
+pub trait Decide: Send + Sync + 'static {
+    /// Which participant this is.
+    const PARTICIPANT: Participant;
+
+    /// Applies `command` (idempotently: a repeat returns the stored decision) and returns the
+    /// reply to send.
+    fn decide(
+        &self,
+        conn: &mut PgConnection,
+        command: &Body,
+        chaos: &Chaos,
+    ) -> impl std::future::Future<Output = Result<Body, HandlerError>> + Send;
+}
+
+/// The consumer handler wrapping a participant's `Decide`.
+pub struct CommandHandler<D> {
+    pool: sqlx::PgPool,
+    decide: D,
+    chaos: ChaosHandle,
+}
+
+impl<D: Decide> Handler for CommandHandler<D> {
+    async fn handle(&self, msg: Incoming) -> Result<(), HandlerError> {
+        let chaos = current(&self.chaos);
+        if chaos.latency_ms > 0 {
+            let ms = chaos.latency_ms + rand::random_range(0..=chaos.latency_ms);
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
+        let env = &msg.envelope;
+        if env.body.order_id() != env.saga_id {
+            return Err(HandlerError::Permanent(
+                "payload order_id differs from saga_id".into(),
+            ));
+        }
+        let mut tx = self.pool.begin().await?;
+        if !inbox::record(&mut tx, env.message_id).await? {
+            tracing::debug!("duplicate command ignored");
+            return Ok(());
+        }
+        let reply = self.decide.decide(&mut tx, &env.body, &chaos).await?;
+        if chaos.error_rate > 0.0 && rand::random_bool(chaos.error_rate) {
+            // Injected after the work, before commit: the rollback must leave no trace.
+            return Err(HandlerError::Transient("chaos: injected failure".into()));
+        }
+        let mut replies = vec![OutgoingMessage::new(&Envelope::new(
+            env.saga_id,
+            Some(env.message_id),
+            reply.clone(),
+        ))];
+        if chaos.duplicate_rate > 0.0 && rand::random_bool(chaos.duplicate_rate) {
+            replies.push(OutgoingMessage::new(&Envelope::new(
+                env.saga_id,
+                Some(env.message_id),
+                reply,
+            )));
+        }
+        outbox::enqueue(&mut tx, &replies).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
+/// Refuses a command meant for another participant (the subject filter should make it
+/// impossible; a hand-made message may not).
+pub fn wrong_command(participant: Participant, body: &Body) -> HandlerError {
+    HandlerError::Permanent(format!(
+        "{} cannot handle {}",
+        participant.as_str(),
+        body.message_type()
+    ))
+}
+
+/// Runs a participant: connect, consume its commands, serve its API, until shutdown.
+pub async fn run<D: Decide>(
+    common: &CommonArgs,
+    migrator: &'static sqlx::migrate::Migrator,
+    default_port: u16,
+    decide: D,
+    chaos: Chaos,
+    api: impl FnOnce(sqlx::PgPool) -> Router,
+    shutdown: CancellationToken,
+) -> Result<(), StartupError> {
+    let name = D::PARTICIPANT.as_str();
+    let rt = Runtime::connect(name, common, migrator, shutdown).await?;
+    let chaos: ChaosHandle = Arc::new(RwLock::new(chaos));
+    let handler = Arc::new(CommandHandler {
+        pool: rt.pool.clone(),
+        decide,
+        chaos: chaos.clone(),
+    });
+    let spec = ConsumerSpec {
+        stream: STREAM_CMD.into(),
+        durable: name.into(),
+        filter_subject: D::PARTICIPANT.command_filter(),
+        max_deliver: 10,
+        ack_wait: Duration::from_secs(30),
+        concurrency: common.consumer_concurrency as usize,
+    };
+    let js = rt.js.clone();
+    let stop = rt.shutdown.clone();
+    let consume = Box::pin(async move {
+        if let Err(e) = consumer::run(js, spec, handler, stop.clone()).await {
+            tracing::error!(error = %e, "command consumer stopped");
+            stop.cancel();
+        }
+    }) as std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+    let pool = rt.pool.clone();
+    let stop = rt.shutdown.clone();
+    let prune = Box::pin(async move {
+        loop {
+            if let Err(e) = inbox::prune(&pool, Duration::from_secs(7 * 24 * 3600)).await {
+                tracing::warn!(error = %e, "inbox prune failed");
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(3600)) => {}
+            }
+        }
+    });
+    let router = api(rt.pool.clone()).merge(chaos_router(chaos));
+    let addr = common.http_addr_or(default_port);
+    rt.run(addr, router, vec![consume, prune]).await
+}
+
+/// The entry point every participant binary calls.
+pub async fn main<D: Decide>(
+    common: CommonArgs,
+    migrator: &'static sqlx::migrate::Migrator,
+    default_port: u16,
+    decide: D,
+    chaos: Chaos,
+    api: impl FnOnce(sqlx::PgPool) -> Router,
+) -> anyhow::Result<()> {
+    let name = D::PARTICIPANT.as_str();
+    let guard = telemetry::init(name, common.log_format)?;
+    let shutdown = saga_shared_events::http::shutdown_on_signal();
+    let result = run(&common, migrator, default_port, decide, chaos, api, shutdown).await;
+    if let Err(e) = &result {
+        tracing::error!(error = %e, "{name} failed");
+    }
+    guard.shutdown().await;
+    Ok(result?)
+}
+
+/// Validates a path id (1 to 64 characters).
+pub fn check_path_id(id: &str) -> Result<(), Problem> {
+    if (1..=64).contains(&id.chars().count()) {
+        Ok(())
+    } else {
+        Err(Problem::not_found("no such resource"))
+    }
+}

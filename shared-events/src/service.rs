@@ -1,0 +1,152 @@
+//! What every service process does around its own logic: connect to Postgres (creating and
+//! migrating its database) and NATS (creating the streams), run the outbox relay, serve HTTP with
+//! health, readiness and metrics, and stop gracefully.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use axum::Router;
+use sqlx::PgPool;
+use sqlx::migrate::Migrator;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{CommonArgs, redact_url};
+use crate::http::{ReadyCheck, install_metrics, not_found_fallback, ops_router, track_metrics};
+use crate::outbox::Relay;
+
+/// Why a service could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    /// Postgres.
+    #[error(transparent)]
+    Db(#[from] crate::db::DbError),
+    /// NATS.
+    #[error(transparent)]
+    Nats(#[from] crate::nats::NatsError),
+    /// The HTTP listener.
+    #[error("HTTP_ADDR: cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// The connections and lifecycle of one service process.
+#[derive(Clone)]
+pub struct Runtime {
+    /// The service's own database.
+    pub pool: PgPool,
+    /// The NATS client.
+    pub nats: async_nats::Client,
+    /// JetStream on that client.
+    pub js: jetstream::Context,
+    /// Cancelled when the process should stop.
+    pub shutdown: CancellationToken,
+    /// The service name (logs, NATS client name).
+    pub service: &'static str,
+}
+
+impl Runtime {
+    /// Connects everything a service needs; the database is created and migrated, the streams
+    /// created or updated.
+    pub async fn connect(
+        service: &'static str,
+        common: &CommonArgs,
+        migrator: &Migrator,
+        shutdown: CancellationToken,
+    ) -> Result<Self, StartupError> {
+        let url = common.database_url_or_default(service);
+        tracing::info!(
+            service,
+            database_url = %redact_url(&url),
+            nats_url = %redact_url(&common.nats_url),
+            "starting"
+        );
+        let opts = crate::db::options(&url, service)?;
+        let wait = Duration::from_secs(60);
+        let pool = crate::db::connect(opts, migrator, common.db_pool_size, wait).await?;
+        let nats = crate::nats::connect(&common.nats_url, service, wait).await?;
+        let js = jetstream::new(nats.clone());
+        crate::nats::ensure_streams(&js).await?;
+        Ok(Runtime {
+            pool,
+            nats,
+            js,
+            shutdown,
+            service,
+        })
+    }
+
+    /// Ready when Postgres answers, NATS is connected and the streams exist.
+    pub fn ready_check(&self) -> ReadyCheck {
+        let rt = self.clone();
+        Arc::new(move || {
+            let rt = rt.clone();
+            Box::pin(async move {
+                sqlx::query("select 1")
+                    .execute(&rt.pool)
+                    .await
+                    .map_err(|e| format!("postgres: {e}"))?;
+                if rt.nats.connection_state() != async_nats::connection::State::Connected {
+                    return Err("nats: not connected".into());
+                }
+                crate::nats::check_streams(&rt.js)
+                    .await
+                    .map_err(|e| format!("nats: {e}"))
+            })
+        })
+    }
+
+    /// Serves `api` plus the operations routes on `addr`, runs the outbox relay and the given
+    /// background tasks, and on shutdown lets them finish (bounded) before returning.
+    pub async fn run<F>(
+        self,
+        addr: std::net::SocketAddr,
+        api: Router,
+        tasks: Vec<F>,
+    ) -> Result<(), StartupError>
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartupError::Bind { addr, source })?;
+        let metrics = install_metrics();
+        let app = api
+            .merge(ops_router(self.ready_check(), metrics))
+            .fallback(not_found_fallback)
+            .layer(axum::middleware::from_fn(track_metrics));
+
+        let mut set = JoinSet::new();
+        set.spawn(Relay::new(self.pool.clone(), self.js.clone()).run(self.shutdown.clone()));
+        set.spawn(crate::outbox::watch_pending(self.pool.clone(), self.shutdown.clone()));
+        for t in tasks {
+            set.spawn(t);
+        }
+        tracing::info!(service = self.service, %addr, "listening");
+        let shutdown = self.shutdown.clone();
+        let served = crate::http::serve(listener, app, shutdown.clone()).await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "HTTP server failed");
+        }
+        shutdown.cancel();
+        // In-flight handlers finish and the relay flushes; bounded so SIGTERM exits in time.
+        let drained = tokio::time::timeout(Duration::from_secs(8), async {
+            while set.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!("background tasks did not stop in time");
+        }
+        if let Err(e) = self.nats.flush().await {
+            tracing::warn!(error = %e, "NATS flush failed");
+        }
+        tracing::info!(service = self.service, "stopped");
+        Ok(())
+    }
+}

@@ -66,9 +66,7 @@ impl Handler for ReplyHandler {
                 }
                 Ok(())
             }
-            Err(StoreError::NotFound(id)) => {
-                Err(HandlerError::Permanent(format!("no saga {id}")))
-            }
+            Err(StoreError::NotFound(id)) => Err(HandlerError::Permanent(format!("no saga {id}"))),
             Err(StoreError::Db(e)) => Err(e.into()),
             Err(e) => Err(HandlerError::Transient(e.to_string())),
         }

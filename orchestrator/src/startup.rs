@@ -31,8 +31,12 @@ pub struct Application {
 
 impl Application {
     /// Connects to Postgres and NATS and prepares the schema and streams.
-    pub async fn build(settings: Settings, shutdown: CancellationToken) -> Result<Self, StartupError> {
-        let runtime = Runtime::connect("orchestrator", &settings.common, &MIGRATOR, shutdown).await?;
+    pub async fn build(
+        settings: Settings,
+        shutdown: CancellationToken,
+    ) -> Result<Self, StartupError> {
+        let runtime =
+            Runtime::connect("orchestrator", &settings.common, &MIGRATOR, shutdown).await?;
         let store = SagaStore::new(
             runtime.pool.clone(),
             Policy {
@@ -110,7 +114,9 @@ async fn sweep_deadlines(store: SagaStore, step_timeout: Duration, shutdown: Can
 /// Drops inbox entries far older than any redelivery.
 pub async fn prune_inbox(pool: sqlx::PgPool, shutdown: CancellationToken) {
     loop {
-        if let Err(e) = saga_shared_events::inbox::prune(&pool, Duration::from_secs(7 * 24 * 3600)).await {
+        if let Err(e) =
+            saga_shared_events::inbox::prune(&pool, Duration::from_secs(7 * 24 * 3600)).await
+        {
             tracing::warn!(error = %e, "inbox prune failed");
         }
         tokio::select! {

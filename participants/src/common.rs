@@ -261,7 +261,16 @@ pub async fn main<D: Decide>(
     let name = D::PARTICIPANT.as_str();
     let guard = telemetry::init(name, common.log_format)?;
     let shutdown = saga_shared_events::http::shutdown_on_signal();
-    let result = run(&common, migrator, default_port, decide, chaos, api, shutdown).await;
+    let result = run(
+        &common,
+        migrator,
+        default_port,
+        decide,
+        chaos,
+        api,
+        shutdown,
+    )
+    .await;
     if let Err(e) = &result {
         tracing::error!(error = %e, "{name} failed");
     }

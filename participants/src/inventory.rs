@@ -39,9 +39,15 @@ impl Decide for Inventory {
     }
 }
 
-async fn reserve(conn: &mut PgConnection, order_id: Uuid, lines: &[Line]) -> Result<Body, HandlerError> {
+async fn reserve(
+    conn: &mut PgConnection,
+    order_id: Uuid,
+    lines: &[Line],
+) -> Result<Body, HandlerError> {
     if lines.is_empty() || lines.iter().any(|l| l.quantity <= 0) {
-        return Err(HandlerError::Permanent("reservation lines must be positive".into()));
+        return Err(HandlerError::Permanent(
+            "reservation lines must be positive".into(),
+        ));
     }
     // Claim the decision first: a concurrent duplicate waits here, then reads our decision.
     let claimed = sqlx::query(
@@ -64,7 +70,8 @@ async fn reserve(conn: &mut PgConnection, order_id: Uuid, lines: &[Line]) -> Res
             "reserved" => Body::InventoryReserved(OrderRef { order_id }),
             "released" => Body::InventoryRejected(Refusal {
                 order_id,
-                reason: reason.unwrap_or_else(|| "order was cancelled before the reservation".into()),
+                reason: reason
+                    .unwrap_or_else(|| "order was cancelled before the reservation".into()),
             }),
             _ => Body::InventoryRejected(Refusal {
                 order_id,
@@ -132,12 +139,11 @@ async fn release(conn: &mut PgConnection, order_id: Uuid) -> Result<Body, Handle
     .rows_affected()
         == 1;
     if !tombstone {
-        let (status, SqlJson(lines)): (String, SqlJson<Vec<Line>>) = sqlx::query_as(
-            "select status, lines from reservation where order_id = $1 for update",
-        )
-        .bind(order_id)
-        .fetch_one(&mut *conn)
-        .await?;
+        let (status, SqlJson(lines)): (String, SqlJson<Vec<Line>>) =
+            sqlx::query_as("select status, lines from reservation where order_id = $1 for update")
+                .bind(order_id)
+                .fetch_one(&mut *conn)
+                .await?;
         if status == "reserved" {
             let mut back: BTreeMap<&str, i64> = BTreeMap::new();
             for l in &lines {
@@ -189,7 +195,10 @@ pub fn router(pool: PgPool) -> Router {
         .with_state(pool)
 }
 
-async fn get_product(State(pool): State<PgPool>, Path(id): Path<String>) -> Result<Json<Product>, Problem> {
+async fn get_product(
+    State(pool): State<PgPool>,
+    Path(id): Path<String>,
+) -> Result<Json<Product>, Problem> {
     check_path_id(&id)?;
     let row: Option<(String, i64, i64)> =
         sqlx::query_as("select product_id, available, reserved from product where product_id = $1")
@@ -213,10 +222,16 @@ async fn put_product(
     ApiJson(body): ApiJson<SetStock>,
 ) -> Result<Json<Product>, Problem> {
     if !(1..=64).contains(&id.chars().count()) {
-        return Err(Problem::invalid(vec![FieldError::new("product_id", "must be 1 to 64 characters")]));
+        return Err(Problem::invalid(vec![FieldError::new(
+            "product_id",
+            "must be 1 to 64 characters",
+        )]));
     }
     if !(0..=1_000_000_000).contains(&body.available) {
-        return Err(Problem::invalid(vec![FieldError::new("available", "must be 0 to 1000000000")]));
+        return Err(Problem::invalid(vec![FieldError::new(
+            "available",
+            "must be 0 to 1000000000",
+        )]));
     }
     let (product_id, available, reserved): (String, i64, i64) = sqlx::query_as(
         "insert into product (product_id, available) values ($1, $2) \

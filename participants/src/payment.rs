@@ -38,7 +38,11 @@ impl Decide for Payment {
     }
 }
 
-async fn charge(conn: &mut PgConnection, c: &ChargePayment, success_rate: f64) -> Result<Body, HandlerError> {
+async fn charge(
+    conn: &mut PgConnection,
+    c: &ChargePayment,
+    success_rate: f64,
+) -> Result<Body, HandlerError> {
     if c.amount_cents < 0 {
         return Err(HandlerError::Permanent("negative amount".into()));
     }
@@ -124,7 +128,10 @@ pub fn router(pool: PgPool) -> Router {
         .with_state(pool)
 }
 
-async fn get_payment(State(pool): State<PgPool>, Path(id): Path<String>) -> Result<Json<PaymentView>, Problem> {
+async fn get_payment(
+    State(pool): State<PgPool>,
+    Path(id): Path<String>,
+) -> Result<Json<PaymentView>, Problem> {
     let not_found = || Problem::not_found(format!("no payment for order {id:?}"));
     let order_id = Uuid::parse_str(&id).map_err(|_| not_found())?;
     let row: Option<(String, i64)> =
@@ -134,7 +141,11 @@ async fn get_payment(State(pool): State<PgPool>, Path(id): Path<String>) -> Resu
             .await
             .map_err(internal)?;
     let (status, amount_cents) = row.ok_or_else(not_found)?;
-    let status = if status == "voided" { "declined".into() } else { status };
+    let status = if status == "voided" {
+        "declined".into()
+    } else {
+        status
+    };
     Ok(Json(PaymentView {
         order_id,
         status,

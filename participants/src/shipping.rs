@@ -37,10 +37,20 @@ impl Decide for Shipping {
                 if ok {
                     (c.order_id, c.customer_id.as_str(), "shipped", None)
                 } else {
-                    (c.order_id, c.customer_id.as_str(), "failed", Some("carrier could not ship the order"))
+                    (
+                        c.order_id,
+                        c.customer_id.as_str(),
+                        "failed",
+                        Some("carrier could not ship the order"),
+                    )
                 }
             }
-            Body::CancelShipment(c) => (c.order_id, "", "cancelled", Some("shipment cancelled before it went out")),
+            Body::CancelShipment(c) => (
+                c.order_id,
+                "",
+                "cancelled",
+                Some("shipment cancelled before it went out"),
+            ),
             other => return Err(wrong_command(Self::PARTICIPANT, other)),
         };
         let claimed = sqlx::query(
@@ -89,7 +99,10 @@ pub fn router(pool: PgPool) -> Router {
         .with_state(pool)
 }
 
-async fn get_shipment(State(pool): State<PgPool>, Path(id): Path<String>) -> Result<Json<ShipmentView>, Problem> {
+async fn get_shipment(
+    State(pool): State<PgPool>,
+    Path(id): Path<String>,
+) -> Result<Json<ShipmentView>, Problem> {
     let not_found = || Problem::not_found(format!("no shipment for order {id:?}"));
     let order_id = Uuid::parse_str(&id).map_err(|_| not_found())?;
     let row: Option<(String, Option<String>)> =

@@ -86,7 +86,10 @@ async fn create_database(opts: &PgConnectOptions, name: &str) -> Result<(), DbEr
         .await
         .map_err(DbError::Connect)?;
     let sql = format!("create database \"{}\"", name.replace('"', "\"\""));
-    match sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&mut conn).await {
+    match sqlx::query(sqlx::AssertSqlSafe(sql))
+        .execute(&mut conn)
+        .await
+    {
         Ok(_) => {
             tracing::info!(database = name, "created database");
             Ok(())

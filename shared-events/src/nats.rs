@@ -45,7 +45,11 @@ pub enum NatsError {
 
 /// Connects with a client name and unlimited reconnects, retrying the first connection for up to
 /// `wait` so services can start before the broker.
-pub async fn connect(url: &str, name: &str, wait: Duration) -> Result<async_nats::Client, NatsError> {
+pub async fn connect(
+    url: &str,
+    name: &str,
+    wait: Duration,
+) -> Result<async_nats::Client, NatsError> {
     let deadline = tokio::time::Instant::now() + wait;
     loop {
         let opts = async_nats::ConnectOptions::new()

@@ -60,7 +60,10 @@ impl OutgoingMessage {
 }
 
 /// Writes messages to the outbox inside the caller's transaction (one statement for all).
-pub async fn enqueue(conn: &mut PgConnection, messages: &[OutgoingMessage]) -> Result<(), sqlx::Error> {
+pub async fn enqueue(
+    conn: &mut PgConnection,
+    messages: &[OutgoingMessage],
+) -> Result<(), sqlx::Error> {
     if messages.is_empty() {
         return Ok(());
     }
@@ -87,7 +90,9 @@ pub async fn enqueue(conn: &mut PgConnection, messages: &[OutgoingMessage]) -> R
 
 /// Rows not yet published (the `outbox_pending` gauge and the audit).
 pub async fn pending(pool: &PgPool) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar("select count(*) from outbox").fetch_one(pool).await
+    sqlx::query_scalar("select count(*) from outbox")
+        .fetch_one(pool)
+        .await
 }
 
 /// Publishes outbox rows to JetStream. Several relays (replicas) may run against one database:
@@ -101,7 +106,12 @@ pub struct Relay {
     publish_timeout: Duration,
 }
 
-type Row = (Uuid, String, sqlx::types::Json<BTreeMap<String, String>>, Vec<u8>);
+type Row = (
+    Uuid,
+    String,
+    sqlx::types::Json<BTreeMap<String, String>>,
+    Vec<u8>,
+);
 
 impl Relay {
     /// A relay with sensible defaults (batches of 256, a 500 ms poll as safety net).

@@ -124,7 +124,10 @@ impl Runtime {
 
         let mut set = JoinSet::new();
         set.spawn(Relay::new(self.pool.clone(), self.js.clone()).run(self.shutdown.clone()));
-        set.spawn(crate::outbox::watch_pending(self.pool.clone(), self.shutdown.clone()));
+        set.spawn(crate::outbox::watch_pending(
+            self.pool.clone(),
+            self.shutdown.clone(),
+        ));
         for t in tasks {
             set.spawn(t);
         }

@@ -58,7 +58,8 @@ pub fn init(default_service: &str, format: LogFormat) -> Result<TelemetryGuard, 
 
     let provider = match std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT") {
         Ok(endpoint) if !endpoint.is_empty() => {
-            let protocol = std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL").unwrap_or_else(|_| "grpc".into());
+            let protocol =
+                std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL").unwrap_or_else(|_| "grpc".into());
             if protocol != "grpc" {
                 return Err(TelemetryError::Protocol(protocol));
             }
@@ -98,7 +99,9 @@ pub fn init(default_service: &str, format: LogFormat) -> Result<TelemetryGuard, 
             .with_span_list(false)
             .with_filter(filter())
             .boxed(),
-        LogFormat::Pretty => tracing_subscriber::fmt::layer().with_filter(filter()).boxed(),
+        LogFormat::Pretty => tracing_subscriber::fmt::layer()
+            .with_filter(filter())
+            .boxed(),
     };
     tracing_subscriber::registry()
         .with(fmt_layer)

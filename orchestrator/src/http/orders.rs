@@ -60,7 +60,11 @@ impl CreateOrderRequest {
             errors.push(FieldError::new("items", "must hold 1 to 100 items"));
         }
         for (i, item) in self.items.iter().enumerate() {
-            check_id(&mut errors, &format!("items[{i}].product_id"), &item.product_id);
+            check_id(
+                &mut errors,
+                &format!("items[{i}].product_id"),
+                &item.product_id,
+            );
             if !(1..=1000).contains(&item.quantity) {
                 errors.push(FieldError::new(
                     format!("items[{i}].quantity"),
@@ -97,7 +101,10 @@ fn check_id(errors: &mut Vec<FieldError>, field: &str, value: &str) {
     if !(1..=64).contains(&len) {
         errors.push(FieldError::new(field, "must be 1 to 64 characters"));
     } else if value.chars().any(char::is_control) {
-        errors.push(FieldError::new(field, "must not contain control characters"));
+        errors.push(FieldError::new(
+            field,
+            "must not contain control characters",
+        ));
     }
 }
 
@@ -169,9 +176,8 @@ async fn list_orders(
     State(state): State<AppState>,
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<OrderPage>, ApiError> {
-    let Query(q) = query.map_err(|e| {
-        Problem::invalid(vec![FieldError::new("query", e.body_text())])
-    })?;
+    let Query(q) =
+        query.map_err(|e| Problem::invalid(vec![FieldError::new("query", e.body_text())]))?;
     let mut errors = Vec::new();
     if let Some(s) = &q.status
         && !STATUSES.contains(&s.as_str())
@@ -193,7 +199,10 @@ async fn list_orders(
         None => None,
         Some(Ok(id)) => Some(id),
         Some(Err(_)) => {
-            errors.push(FieldError::new("after", "must be a cursor from a previous page"));
+            errors.push(FieldError::new(
+                "after",
+                "must be a cursor from a previous page",
+            ));
             None
         }
     };

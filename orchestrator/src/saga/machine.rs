@@ -271,7 +271,9 @@ impl OrderSaga {
             }
             Event::ShippingFailed { detail } => {
                 match *cancelling {
-                    Some(reason) => context.reason(reason, format!("{}; {detail}", describe(reason))),
+                    Some(reason) => {
+                        context.reason(reason, format!("{}; {detail}", describe(reason)))
+                    }
                     None => context.reason(CancelReason::ShippingFailed, detail.clone()),
                 }
                 let reason = cancelling.unwrap_or(CancelReason::ShippingFailed);
@@ -342,7 +344,10 @@ impl OrderSaga {
                     context.send(Step::Refund, next, true);
                     Handled
                 } else {
-                    context.reason(*reason, format!("{}; refund did not complete", describe(*reason)));
+                    context.reason(
+                        *reason,
+                        format!("{}; refund did not complete", describe(*reason)),
+                    );
                     context.finish(SagaEnd::Failed);
                     Transition(State::failed(*reason, Step::Refund))
                 }
@@ -369,7 +374,10 @@ impl OrderSaga {
                     context.send(Step::Release, next, true);
                     Handled
                 } else {
-                    context.reason(*reason, format!("{}; release did not complete", describe(*reason)));
+                    context.reason(
+                        *reason,
+                        format!("{}; release did not complete", describe(*reason)),
+                    );
                     context.finish(SagaEnd::Failed);
                     Transition(State::failed(*reason, Step::Release))
                 }
@@ -418,8 +426,13 @@ impl OrderSaga {
                 context.finish(SagaEnd::Completed);
                 Transition(State::shipped())
             }
-            (Event::ShippingFailed { .. }, Step::CancelShipment) | (Event::PaymentRefunded, Step::Refund) => {
-                let next = if *stuck_at == Step::CancelShipment { Step::Refund } else { Step::Release };
+            (Event::ShippingFailed { .. }, Step::CancelShipment)
+            | (Event::PaymentRefunded, Step::Refund) => {
+                let next = if *stuck_at == Step::CancelShipment {
+                    Step::Refund
+                } else {
+                    Step::Release
+                };
                 context.send(next, 0, true);
                 if next == Step::Refund {
                     Transition(State::refunding_payment(*reason, 0))

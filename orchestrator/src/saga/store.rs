@@ -176,7 +176,12 @@ pub struct SagaStore {
 
 impl SagaStore {
     /// A store over `pool`.
-    pub fn new(pool: PgPool, policy: Policy, timing: Timing, jaeger_ui_url: Option<String>) -> Self {
+    pub fn new(
+        pool: PgPool,
+        policy: Policy,
+        timing: Timing,
+        jaeger_ui_url: Option<String>,
+    ) -> Self {
         SagaStore {
             pool,
             policy,
@@ -253,7 +258,11 @@ impl SagaStore {
         Ok(Created::New(view))
     }
 
-    async fn find_by_key(&self, key: &str, fingerprint: &str) -> Result<Option<OrderView>, StoreError> {
+    async fn find_by_key(
+        &self,
+        key: &str,
+        fingerprint: &str,
+    ) -> Result<Option<OrderView>, StoreError> {
         let row: Option<(Uuid, Option<String>)> = sqlx::query_as(
             "select order_id, request_fingerprint from saga_order where idempotency_key = $1",
         )
@@ -316,7 +325,11 @@ impl SagaStore {
             match effect {
                 Effect::Send(step) => {
                     let body = command(*step, order_id, &customer_id, &items, total_cents);
-                    messages.push(OutgoingMessage::new(&Envelope::new(order_id, causation_id, body)));
+                    messages.push(OutgoingMessage::new(&Envelope::new(
+                        order_id,
+                        causation_id,
+                        body,
+                    )));
                 }
                 Effect::ArmDeadline {
                     attempt,
@@ -373,7 +386,11 @@ impl SagaStore {
                 SagaEnd::Cancelled => Body::OrderCancelled(ev),
                 SagaEnd::Failed => Body::OrderFailed(ev),
             };
-            messages.push(OutgoingMessage::new(&Envelope::new(order_id, causation_id, body)));
+            messages.push(OutgoingMessage::new(&Envelope::new(
+                order_id,
+                causation_id,
+                body,
+            )));
         }
         outbox::enqueue(conn, &messages).await?;
         Ok(Applied {
@@ -437,7 +454,8 @@ impl SagaStore {
     /// Starts compensation if the saga may still be cancelled; `Conflict` otherwise.
     pub async fn cancel(&self, order_id: Uuid) -> Result<Applied, StoreError> {
         self.operator_event(order_id, Event::CancelRequested, |s| {
-            (!s.accepts_cancel()).then(|| format!("order is {} and can no longer be cancelled", s.status()))
+            (!s.accepts_cancel())
+                .then(|| format!("order is {} and can no longer be cancelled", s.status()))
         })
         .await
     }
@@ -499,7 +517,18 @@ impl SagaStore {
     }
 
     fn view(&self, r: ViewRow) -> OrderView {
-        let (id, customer_id, Json(items), total_cents, status, cancel_reason, cancel_detail, created_at, updated_at, Json(trace)) = r;
+        let (
+            id,
+            customer_id,
+            Json(items),
+            total_cents,
+            status,
+            cancel_reason,
+            cancel_detail,
+            created_at,
+            updated_at,
+            Json(trace),
+        ) = r;
         let trace_id = trace
             .get("traceparent")
             .and_then(|tp| tp.split('-').nth(1))
@@ -575,7 +604,13 @@ async fn stored_reason(
 }
 
 /// The command a step sends, built from the order.
-fn command(step: Step, order_id: Uuid, customer_id: &str, items: &[Item], total_cents: i64) -> Body {
+fn command(
+    step: Step,
+    order_id: Uuid,
+    customer_id: &str,
+    items: &[Item],
+    total_cents: i64,
+) -> Body {
     match step {
         Step::Reserve => {
             // One line per product: the same product twice in an order is one reservation.
@@ -628,9 +663,21 @@ mod tests {
     #[test]
     fn a_product_ordered_twice_is_reserved_as_one_line() {
         let items = vec![
-            Item { product_id: "a".into(), quantity: 2, unit_price_cents: 1 },
-            Item { product_id: "b".into(), quantity: 1, unit_price_cents: 1 },
-            Item { product_id: "a".into(), quantity: 3, unit_price_cents: 1 },
+            Item {
+                product_id: "a".into(),
+                quantity: 2,
+                unit_price_cents: 1,
+            },
+            Item {
+                product_id: "b".into(),
+                quantity: 1,
+                unit_price_cents: 1,
+            },
+            Item {
+                product_id: "a".into(),
+                quantity: 3,
+                unit_price_cents: 1,
+            },
         ];
         let Body::ReserveInventory(r) = command(Step::Reserve, Uuid::nil(), "c", &items, 6) else {
             panic!("not a reserve")

@@ -18,7 +18,13 @@ fn all_states() -> Vec<State> {
         State::paid(1, Some(TimedOut)),
         State::shipped(),
     ];
-    for r in [InventoryRejected, PaymentDeclined, ShippingFailed, CancelRequested, TimedOut] {
+    for r in [
+        InventoryRejected,
+        PaymentDeclined,
+        ShippingFailed,
+        CancelRequested,
+        TimedOut,
+    ] {
         states.push(State::refunding_payment(r, 0));
         states.push(State::refunding_payment(r, 1));
         states.push(State::releasing_inventory(r, 0));
@@ -35,13 +41,19 @@ fn all_events() -> Vec<Event> {
     vec![
         Event::Start,
         Event::InventoryReserved,
-        Event::InventoryRejected { detail: "out of stock".into() },
+        Event::InventoryRejected {
+            detail: "out of stock".into(),
+        },
         Event::InventoryReleased,
         Event::PaymentCharged,
-        Event::PaymentDeclined { detail: "card declined".into() },
+        Event::PaymentDeclined {
+            detail: "card declined".into(),
+        },
         Event::PaymentRefunded,
         Event::Shipped,
-        Event::ShippingFailed { detail: "lost".into() },
+        Event::ShippingFailed {
+            detail: "lost".into(),
+        },
         Event::CancelRequested,
         Event::StepTimedOut,
         Event::RetryRequested,
@@ -54,12 +66,23 @@ fn rank(s: &State) -> u8 {
     match s {
         State::Created { .. } => 0,
         State::InventoryReserved { .. } => 1,
-        State::Paid { cancelling: None, .. } => 2,
-        State::Paid { cancelling: Some(_), .. } => 3,
+        State::Paid {
+            cancelling: None, ..
+        } => 2,
+        State::Paid {
+            cancelling: Some(_),
+            ..
+        } => 3,
         State::RefundingPayment { .. } => 4,
         State::ReleasingInventory { .. } => 5,
-        State::Failed { stuck_at: Step::CancelShipment, .. } => 3,
-        State::Failed { stuck_at: Step::Refund, .. } => 4,
+        State::Failed {
+            stuck_at: Step::CancelShipment,
+            ..
+        } => 3,
+        State::Failed {
+            stuck_at: Step::Refund,
+            ..
+        } => 4,
         State::Failed { .. } => 5,
         State::Shipped {} | State::Cancelled { .. } => 9,
     }
@@ -85,7 +108,10 @@ fn every_state_handles_every_event_without_moving_backwards() {
             // Every send arms a deadline right after it, and a finish clears it.
             for (i, e) in effects.iter().enumerate() {
                 if let Effect::Send(_) = e {
-                    assert!(matches!(effects.get(i + 1), Some(Effect::ArmDeadline { .. })));
+                    assert!(matches!(
+                        effects.get(i + 1),
+                        Some(Effect::ArmDeadline { .. })
+                    ));
                 }
             }
             let finished = effects.iter().any(|e| matches!(e, Effect::Finish(_)));
@@ -102,7 +128,10 @@ fn every_state_handles_every_event_without_moving_backwards() {
 fn a_reply_delivered_twice_has_effects_only_once() {
     for state in all_states() {
         for event in all_events() {
-            if matches!(event, Event::StepTimedOut | Event::Start | Event::RetryRequested) {
+            if matches!(
+                event,
+                Event::StepTimedOut | Event::Start | Event::RetryRequested
+            ) {
                 continue;
             }
             let (once, _) = step(state.clone(), event.clone());
@@ -124,21 +153,32 @@ fn the_happy_path_sends_each_command_once_and_ends_shipped() {
     assert_eq!(s, State::created(0));
     assert_eq!(e[0], Effect::Send(Step::Reserve));
     let (s, e) = step(s, Event::InventoryReserved);
-    assert_eq!((s.status(), &e[0]), ("inventory_reserved", &Effect::Send(Step::Charge)));
+    assert_eq!(
+        (s.status(), &e[0]),
+        ("inventory_reserved", &Effect::Send(Step::Charge))
+    );
     let (s, e) = step(s, Event::PaymentCharged);
     assert_eq!((s.status(), &e[0]), ("paid", &Effect::Send(Step::Ship)));
     let (s, e) = step(s, Event::Shipped);
     assert_eq!(s, State::shipped());
-    assert_eq!(e, vec![Effect::ClearDeadline, Effect::Finish(SagaEnd::Completed)]);
+    assert_eq!(
+        e,
+        vec![Effect::ClearDeadline, Effect::Finish(SagaEnd::Completed)]
+    );
 }
 
 #[test]
 fn a_declined_payment_releases_inventory_then_cancels() {
     let (s, e) = step(
         State::inventory_reserved(0),
-        Event::PaymentDeclined { detail: "card declined".into() },
+        Event::PaymentDeclined {
+            detail: "card declined".into(),
+        },
     );
-    assert_eq!(s, State::releasing_inventory(CancelReason::PaymentDeclined, 0));
+    assert_eq!(
+        s,
+        State::releasing_inventory(CancelReason::PaymentDeclined, 0)
+    );
     assert_eq!(
         e[0],
         Effect::SetReason(CancelReason::PaymentDeclined, "card declined".into())
@@ -151,10 +191,18 @@ fn a_declined_payment_releases_inventory_then_cancels() {
 
 #[test]
 fn a_failed_shipment_refunds_then_releases_then_cancels() {
-    let (s, _) = step(State::paid(0, None), Event::ShippingFailed { detail: "lost".into() });
+    let (s, _) = step(
+        State::paid(0, None),
+        Event::ShippingFailed {
+            detail: "lost".into(),
+        },
+    );
     assert_eq!(s, State::refunding_payment(CancelReason::ShippingFailed, 0));
     let (s, e) = step(s, Event::PaymentRefunded);
-    assert_eq!(s, State::releasing_inventory(CancelReason::ShippingFailed, 0));
+    assert_eq!(
+        s,
+        State::releasing_inventory(CancelReason::ShippingFailed, 0)
+    );
     assert_eq!(e[0], Effect::Send(Step::Release));
     let (s, _) = step(s, Event::InventoryReleased);
     assert_eq!(s, State::cancelled(CancelReason::ShippingFailed));
@@ -162,7 +210,12 @@ fn a_failed_shipment_refunds_then_releases_then_cancels() {
 
 #[test]
 fn rejected_inventory_cancels_without_any_compensation() {
-    let (s, e) = step(State::created(0), Event::InventoryRejected { detail: "no".into() });
+    let (s, e) = step(
+        State::created(0),
+        Event::InventoryRejected {
+            detail: "no".into(),
+        },
+    );
     assert_eq!(s, State::cancelled(CancelReason::InventoryRejected));
     assert!(!e.iter().any(|e| matches!(e, Effect::Send(_))));
 }
@@ -170,21 +223,38 @@ fn rejected_inventory_cancels_without_any_compensation() {
 #[test]
 fn cancel_compensates_whatever_may_be_in_flight() {
     let (s, e) = step(State::created(0), Event::CancelRequested);
-    assert_eq!(s, State::releasing_inventory(CancelReason::CancelRequested, 0));
+    assert_eq!(
+        s,
+        State::releasing_inventory(CancelReason::CancelRequested, 0)
+    );
     assert!(e.contains(&Effect::Send(Step::Release)));
     let (s, e) = step(State::inventory_reserved(0), Event::CancelRequested);
-    assert_eq!(s, State::refunding_payment(CancelReason::CancelRequested, 0));
+    assert_eq!(
+        s,
+        State::refunding_payment(CancelReason::CancelRequested, 0)
+    );
     assert!(e.contains(&Effect::Send(Step::Refund)));
     let (s, e) = step(State::paid(0, None), Event::CancelRequested);
     assert_eq!(s, State::paid(0, Some(CancelReason::CancelRequested)));
     assert!(e.contains(&Effect::Send(Step::CancelShipment)));
     // Stopped in time: refund and release, reason cancel_requested.
-    let (s2, _) = step(s.clone(), Event::ShippingFailed { detail: "cancelled".into() });
-    assert_eq!(s2, State::refunding_payment(CancelReason::CancelRequested, 0));
+    let (s2, _) = step(
+        s.clone(),
+        Event::ShippingFailed {
+            detail: "cancelled".into(),
+        },
+    );
+    assert_eq!(
+        s2,
+        State::refunding_payment(CancelReason::CancelRequested, 0)
+    );
     // Too late: it shipped.
     let (s3, _) = step(s, Event::Shipped);
     assert_eq!(s3, State::shipped());
-    for st in [State::shipped(), State::cancelled(CancelReason::CancelRequested)] {
+    for st in [
+        State::shipped(),
+        State::cancelled(CancelReason::CancelRequested),
+    ] {
         assert!(!st.accepts_cancel());
     }
 }
@@ -197,7 +267,10 @@ fn timeouts_resend_the_same_step_until_the_budget_then_compensate() {
         e,
         vec![
             Effect::Send(Step::Reserve),
-            Effect::ArmDeadline { attempt: 1, compensating: false }
+            Effect::ArmDeadline {
+                attempt: 1,
+                compensating: false
+            }
         ]
     );
     let (s, _) = step(s, Event::StepTimedOut);
@@ -221,7 +294,10 @@ fn a_late_success_moves_a_failed_saga_on() {
         State::failed(CancelReason::ShippingFailed, Step::Refund),
         Event::PaymentRefunded,
     );
-    assert_eq!(s, State::releasing_inventory(CancelReason::ShippingFailed, 0));
+    assert_eq!(
+        s,
+        State::releasing_inventory(CancelReason::ShippingFailed, 0)
+    );
 }
 
 /// The stored JSON of each state is a contract with every saga row already in a database.
@@ -229,7 +305,10 @@ fn a_late_success_moves_a_failed_saga_on() {
 fn persisted_state_names_are_stable() {
     let golden = [
         (State::created(1), r#"{"Created":{"attempt":1}}"#),
-        (State::inventory_reserved(0), r#"{"InventoryReserved":{"attempt":0}}"#),
+        (
+            State::inventory_reserved(0),
+            r#"{"InventoryReserved":{"attempt":0}}"#,
+        ),
         (
             State::paid(0, Some(CancelReason::TimedOut)),
             r#"{"Paid":{"attempt":0,"cancelling":"timed_out"}}"#,

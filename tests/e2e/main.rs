@@ -1,0 +1,7 @@
+//! End-to-end tests: the real binaries against real Postgres and a real nats-server.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod api;
+mod flows;
+mod messaging;

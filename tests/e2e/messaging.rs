@@ -1,0 +1,165 @@
+//! Messaging guarantees: duplicates have one effect, poison messages are dead-lettered.
+
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use futures_util::StreamExt;
+use uuid::Uuid;
+
+use saga_e2e_tests::{Stack, product, wait_until};
+use saga_shared_events::contract::{Body, ChargePayment, Envelope, Line, ReserveInventory, header};
+
+async fn publish(js: &async_nats::jetstream::Context, env: &Envelope, msg_id: Uuid) {
+    let mut headers = HeaderMap::new();
+    headers.insert(header::MSG_ID, msg_id.to_string().as_str());
+    headers.insert(header::SAGA_ID, env.saga_id.to_string().as_str());
+    js.publish_with_headers(env.body.subject(), headers, env.encode().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_command_delivered_twice_reserves_and_charges_once() {
+    let stack = Stack::start().await;
+    let yam = product("yam");
+    stack.set_stock(&yam, 10).await;
+    let id = stack.create_order("hank", &[(&yam, 3, 700)]).await;
+    let order = stack.wait_terminal(&id).await;
+    assert_eq!(order["status"], "shipped");
+    let order_id: Uuid = id.parse().unwrap();
+    let js = stack.jetstream().await;
+
+    // A re-sent command (new message id, as after a deadline) and an exact redelivery (same id,
+    // published after JetStream's duplicate window would have dropped it: the inbox must).
+    let reserve = Envelope::new(
+        order_id,
+        None,
+        Body::ReserveInventory(ReserveInventory {
+            order_id,
+            lines: vec![Line {
+                product_id: yam.clone(),
+                quantity: 3,
+            }],
+        }),
+    );
+    let charge = Envelope::new(
+        order_id,
+        None,
+        Body::ChargePayment(ChargePayment {
+            order_id,
+            customer_id: "hank".into(),
+            amount_cents: 2100,
+        }),
+    );
+    for env in [&reserve, &charge] {
+        publish(&js, env, env.message_id).await;
+        publish(&js, env, Uuid::now_v7()).await;
+    }
+    stack.wait_quiet().await;
+
+    assert_eq!(stack.stock(&yam).await, (7, 3), "reserved once");
+    let mut db = stack.db("payment").await;
+    let charges: i64 = sqlx::query_scalar("select count(*) from payment where order_id = $1")
+        .bind(order_id)
+        .fetch_one(&mut db)
+        .await
+        .unwrap();
+    assert_eq!(charges, 1);
+    let (_, pay) = stack.get("payment", &format!("/payments/{id}")).await;
+    assert_eq!(
+        (&pay["status"], &pay["amount_cents"]),
+        (&"charged".into(), &2100.into())
+    );
+    let order = stack.wait_terminal(&id).await;
+    assert_eq!(
+        order["history"].as_array().unwrap().len(),
+        4,
+        "late replies were ignored"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_command_is_dead_lettered_and_the_service_keeps_working() {
+    let stack = Stack::start().await;
+    let js = stack.jetstream().await;
+    let dlq = js.get_stream("SAGA_DLQ").await.unwrap();
+    let watcher = dlq
+        .create_consumer(async_nats::jetstream::consumer::pull::Config {
+            durable_name: None,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut dead = watcher.messages().await.unwrap();
+
+    let mut headers = HeaderMap::new();
+    headers.insert("X-Test", "poison");
+    js.publish_with_headers("saga.cmd.payment.charge.v1", headers, "{not json".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let mut v = serde_json::to_value(Envelope::new(
+        Uuid::nil(),
+        None,
+        Body::ChargePayment(ChargePayment {
+            order_id: Uuid::nil(),
+            customer_id: "x".into(),
+            amount_cents: 1,
+        }),
+    ))
+    .unwrap();
+    v["version"] = 9.into();
+    js.publish(
+        "saga.cmd.inventory.reserve.v1",
+        serde_json::to_vec(&v).unwrap().into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        let msg = tokio::time::timeout(Duration::from_secs(15), dead.next())
+            .await
+            .expect("a dead letter within 15 s")
+            .unwrap()
+            .unwrap();
+        let h = msg.headers.clone().unwrap();
+        seen.push((
+            msg.subject.to_string(),
+            h.get(header::DLQ_ERROR).unwrap().as_str().to_owned(),
+            h.get(header::DLQ_DELIVERIES).unwrap().as_str().to_owned(),
+            h.get("X-Test").map(|v| v.as_str().to_owned()),
+            msg.payload.clone(),
+        ));
+        msg.ack().await.unwrap();
+    }
+    seen.sort();
+    assert_eq!(seen[0].0, "saga.dlq.saga.cmd.inventory.reserve.v1");
+    assert!(seen[0].1.contains("unsupported version 9"), "{}", seen[0].1);
+    assert_eq!(seen[1].0, "saga.dlq.saga.cmd.payment.charge.v1");
+    assert!(seen[1].1.contains("malformed"), "{}", seen[1].1);
+    assert_eq!(seen[1].2, "1", "poison is dead-lettered on first delivery");
+    assert_eq!(
+        seen[1].3.as_deref(),
+        Some("poison"),
+        "original headers are kept"
+    );
+    assert_eq!(&seen[1].4[..], b"{not json", "original payload is kept");
+
+    // Still working: an order completes.
+    let rye = product("rye");
+    stack.set_stock(&rye, 1).await;
+    let id = stack.create_order("ivy", &[(&rye, 1, 1)]).await;
+    assert_eq!(stack.wait_terminal(&id).await["status"], "shipped");
+    wait_until(
+        Duration::from_secs(5),
+        "the poison left the command stream",
+        || async { stack.outbox_len("payment").await == 0 },
+    )
+    .await;
+}

@@ -14,6 +14,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 use sqlx::Connection;
+
+use saga_orchestrator::audit::{AuditDbs, AuditReport, AuditScope, audit};
 use tokio::process::{Child, Command};
 use uuid::Uuid;
 
@@ -146,9 +148,29 @@ impl Nats {
 pub struct StackOptions {
     /// Extra environment per service name (`"payment"` → `PAYMENT_SUCCESS_RATE=0`).
     pub env: BTreeMap<&'static str, Vec<(String, String)>>,
+    /// Processes per service (default 1). Replica `n > 1` of `payment` is named `payment-n`.
+    pub replicas: usize,
+    /// Run a private Postgres cluster for this stack (so it can be restarted).
+    pub private_postgres: bool,
+    /// Run a three-node NATS cluster with streams at three replicas.
+    pub nats_cluster: bool,
 }
 
 impl StackOptions {
+    /// Adds an environment variable for every service.
+    pub fn with_all(mut self, key: &str, value: &str) -> Self {
+        for name in SERVICES {
+            self = self.with(name, key, value);
+        }
+        self
+    }
+
+    /// Runs `n` processes of every service.
+    pub fn replicas(mut self, n: usize) -> Self {
+        self.replicas = n;
+        self
+    }
+
     /// Adds an environment variable for one service.
     pub fn with(mut self, service: &'static str, key: &str, value: &str) -> Self {
         self.env
@@ -160,6 +182,7 @@ impl StackOptions {
 }
 
 struct Service {
+    binary: &'static str,
     child: Option<Child>,
     port: u16,
     env: Vec<(String, String)>,
@@ -168,9 +191,12 @@ struct Service {
 
 /// A running stack: nats-server plus the four services, each with its own database.
 pub struct Stack {
-    /// The broker.
-    pub nats: Nats,
-    services: BTreeMap<&'static str, Service>,
+    /// The broker (one node, or three in a cluster).
+    pub nats: Vec<Nats>,
+    /// The private Postgres, when asked for.
+    pub postgres: Option<PrivatePostgres>,
+    admin_url: String,
+    services: BTreeMap<String, Service>,
     /// Unique id of this stack (database name prefix).
     pub id: String,
     /// HTTP client.
@@ -186,35 +212,56 @@ impl Stack {
 
     /// Starts everything with `opts`.
     pub async fn start_with(opts: StackOptions) -> Self {
-        check_postgres().await;
-        let nats = Nats::start().await;
+        let postgres = if opts.private_postgres {
+            Some(PrivatePostgres::start().await)
+        } else {
+            None
+        };
+        let admin_url = postgres
+            .as_ref()
+            .map(PrivatePostgres::admin_url)
+            .unwrap_or_else(admin_db_url);
+        check_postgres(&admin_url).await;
+        let nats = if opts.nats_cluster {
+            Nats::start_cluster().await
+        } else {
+            vec![Nats::start().await]
+        };
+        let nats_url = nats.iter().map(Nats::url).collect::<Vec<_>>().join(",");
         let id = format!("e2e_{}", &Uuid::new_v4().simple().to_string()[..12]);
         let logs = tempfile::tempdir().unwrap();
         let mut services = BTreeMap::new();
-        for name in SERVICES {
+        for (replica, name) in (1..=opts.replicas.max(1))
+            .flat_map(|r| SERVICES.iter().map(move |n| (r, *n)))
+        {
             let port = free_port();
             let db = format!("{id}_{name}");
+            let key = if replica == 1 { name.to_string() } else { format!("{name}-{replica}") };
             let mut env = vec![
-                ("NATS_URL".to_string(), nats.url()),
-                ("DATABASE_URL".to_string(), db_url(&db)),
+                ("NATS_URL".to_string(), nats_url.clone()),
+                ("DATABASE_URL".to_string(), db_url_on(&admin_url, &db)),
                 ("HTTP_ADDR".to_string(), format!("127.0.0.1:{port}")),
                 ("RUST_LOG".to_string(), "info".to_string()),
                 ("NO_COLOR".to_string(), "1".to_string()),
                 ("DB_POOL_SIZE".to_string(), "8".to_string()),
+                ("STREAM_REPLICAS".to_string(), if opts.nats_cluster { "3" } else { "1" }.to_string()),
             ];
             env.extend(opts.env.get(name).cloned().unwrap_or_default());
             services.insert(
-                name,
+                key.clone(),
                 Service {
+                    binary: name,
                     child: None,
                     port,
                     env,
-                    log: logs.path().join(format!("{name}.log")),
+                    log: logs.path().join(format!("{key}.log")),
                 },
             );
         }
         let mut stack = Stack {
             nats,
+            postgres,
+            admin_url,
             services,
             id,
             http: reqwest::Client::builder()
@@ -223,23 +270,38 @@ impl Stack {
                 .unwrap(),
             logs,
         };
+        let names: Vec<String> = stack.services.keys().cloned().collect();
+        // The first replica of each service creates its database; the others join afterwards.
         for name in SERVICES {
             stack.spawn(name);
         }
         for name in SERVICES {
             stack.wait_ready(name).await;
         }
+        for name in &names {
+            if stack.services[name].child.is_none() {
+                stack.spawn(name);
+            }
+        }
+        for name in &names {
+            stack.wait_ready(name).await;
+        }
         stack
     }
 
-    fn spawn(&mut self, name: &'static str) {
+    /// Names of every service process (`payment`, `payment-2`, …).
+    pub fn process_names(&self) -> Vec<String> {
+        self.services.keys().cloned().collect()
+    }
+
+    fn spawn(&mut self, name: &str) {
         let svc = self.services.get_mut(name).unwrap();
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&svc.log)
             .unwrap();
-        let child = Command::new(binary(name))
+        let child = Command::new(binary(svc.binary))
             .envs(svc.env.iter().cloned())
             .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
             .stdout(log.try_clone().unwrap())
@@ -251,7 +313,7 @@ impl Stack {
     }
 
     /// Waits until the service's `/readyz` answers 200.
-    pub async fn wait_ready(&mut self, name: &'static str) {
+    pub async fn wait_ready(&mut self, name: &str) {
         let url = self.url(name, "/readyz");
         let http = self.http.clone();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
@@ -279,8 +341,8 @@ impl Stack {
         }
     }
 
-    /// Kills a service with SIGKILL.
-    pub async fn kill(&mut self, name: &'static str) {
+    /// Kills a service with SIGKILL and reaps it.
+    pub async fn kill(&mut self, name: &str) {
         let svc = self.services.get_mut(name).unwrap();
         if let Some(mut child) = svc.child.take() {
             child.kill().await.ok();
@@ -288,10 +350,34 @@ impl Stack {
     }
 
     /// Starts a killed service again and waits until it is ready.
-    pub async fn restart(&mut self, name: &'static str) {
+    pub async fn restart(&mut self, name: &str) {
         self.kill(name).await;
         self.spawn(name);
         self.wait_ready(name).await;
+    }
+
+    /// Sends SIGTERM and waits up to `within` for the exit; returns the exit code.
+    pub async fn terminate(&mut self, name: &str, within: Duration) -> Option<i32> {
+        let svc = self.services.get_mut(name).unwrap();
+        let mut child = svc.child.take()?;
+        let pid = child.id()?;
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .ok()?;
+        match tokio::time::timeout(within, child.wait()).await {
+            Ok(Ok(status)) => status.code(),
+            _ => {
+                child.kill().await.ok();
+                None
+            }
+        }
+    }
+
+    /// Whether a service process is running.
+    pub fn is_running(&mut self, name: &str) -> bool {
+        let svc = self.services.get_mut(name).unwrap();
+        matches!(svc.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
     }
 
     /// The last lines of a service's log.
@@ -406,9 +492,8 @@ impl Stack {
     /// Waits until no durable consumer has pending or unacknowledged messages and every service's
     /// outbox is empty: the system is quiet.
     pub async fn wait_quiet(&self) {
-        let client = self.nats.client().await;
-        let js = async_nats::jetstream::new(client);
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let js = self.jetstream().await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         loop {
             let mut busy = 0u64;
             for (stream, consumer) in [
@@ -417,15 +502,18 @@ impl Stack {
                 ("SAGA_CMD", "shipping"),
                 ("SAGA_REPLY", "orchestrator"),
             ] {
-                let mut c: async_nats::jetstream::consumer::PullConsumer = js
-                    .get_stream(stream)
-                    .await
-                    .unwrap()
-                    .get_consumer(consumer)
-                    .await
-                    .unwrap();
-                let info = c.info().await.unwrap();
-                busy += info.num_pending + info.num_ack_pending as u64;
+                let consumer: Result<async_nats::jetstream::consumer::PullConsumer, _> =
+                    match js.get_stream(stream).await {
+                        Ok(s) => s.get_consumer(consumer).await.map_err(|e| e.to_string()),
+                        Err(e) => Err(e.to_string()),
+                    };
+                match consumer {
+                    Ok(mut c) => match c.info().await {
+                        Ok(info) => busy += info.num_pending + info.num_ack_pending as u64,
+                        Err(_) => busy += 1,
+                    },
+                    Err(_) => busy += 1,
+                }
             }
             for name in SERVICES {
                 busy += self.outbox_len(name).await as u64;
@@ -443,32 +531,146 @@ impl Stack {
 
     /// Rows left in a service's outbox.
     pub async fn outbox_len(&self, name: &str) -> i64 {
-        let mut conn = sqlx::PgConnection::connect(&db_url(&format!("{}_{name}", self.id)))
-            .await
-            .unwrap();
+        let mut conn = self.db(name).await;
         sqlx::query_scalar("select count(*) from outbox")
             .fetch_one(&mut conn)
             .await
             .unwrap()
     }
 
-    /// Runs a query against one service's database.
+    /// The URL of one service's database.
+    pub fn db_url(&self, service: &str) -> String {
+        db_url_on(&self.admin_url, &format!("{}_{service}", self.id))
+    }
+
+    /// A connection to one service's database.
     pub async fn db(&self, name: &str) -> sqlx::PgConnection {
-        sqlx::PgConnection::connect(&db_url(&format!("{}_{name}", self.id)))
-            .await
-            .unwrap()
+        sqlx::PgConnection::connect(&self.db_url(name)).await.unwrap()
     }
 
     /// A JetStream context on the test's broker.
     pub async fn jetstream(&self) -> async_nats::jetstream::Context {
-        async_nats::jetstream::new(self.nats.client().await)
+        async_nats::jetstream::new(self.nats_client().await)
+    }
+
+    /// A client of the test's broker (any node).
+    pub async fn nats_client(&self) -> async_nats::Client {
+        let urls: Vec<String> = self.nats.iter().filter(|n| n.child.is_some()).map(Nats::url).collect();
+        async_nats::connect(urls.as_slice()).await.expect("connect to test nats")
+    }
+
+    /// Runs the audit over this stack's four databases.
+    pub async fn audit(&self, scope: &AuditScope) -> AuditReport {
+        let pool = |svc: &str| {
+            let url = self.db_url(svc);
+            async move {
+                sqlx::postgres::PgPoolOptions::new()
+                    .max_connections(2)
+                    .connect(&url)
+                    .await
+                    .unwrap()
+            }
+        };
+        let dbs = AuditDbs {
+            orchestrator: pool("orchestrator").await,
+            inventory: pool("inventory").await,
+            payment: pool("payment").await,
+            shipping: pool("shipping").await,
+        };
+        audit(&dbs, scope).await.unwrap()
+    }
+
+    /// Creates `n` orders over `products` with `concurrency` requests in flight; returns their ids.
+    /// Requests that fail (a service is being killed) are retried with the same Idempotency-Key,
+    /// so each order exists exactly once.
+    pub async fn create_orders(&self, n: usize, products: &[String], concurrency: usize) -> Vec<String> {
+        use futures_util::StreamExt;
+        futures_util::stream::iter(0..n)
+            .map(|i| {
+                let items: Vec<(&str, i64, i64)> = (0..1 + i % 3)
+                    .map(|j| (products[(i + j) % products.len()].as_str(), 1 + (i % 2) as i64, 100 + i as i64))
+                    .collect();
+                let body = order_body(&format!("c{i}"), &items);
+                let key = format!("{}-{i}", self.id);
+                async move {
+                    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+                    loop {
+                        let req = self
+                            .http
+                            .post(self.url("orchestrator", "/orders"))
+                            .header("Idempotency-Key", &key)
+                            .json(&body);
+                        if let Ok(r) = req.send().await
+                            && (r.status() == 202 || r.status() == 200)
+                            && let Ok(v) = r.json::<Value>().await
+                        {
+                            return v["id"].as_str().unwrap().to_owned();
+                        }
+                        assert!(tokio::time::Instant::now() < deadline, "could not create order {i}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            })
+            .buffer_unordered(concurrency)
+            .collect()
+            .await
+    }
+
+    /// Waits until every order is terminal; returns the count per status.
+    pub async fn wait_all_terminal(&self, ids: &[String], timeout: Duration) -> BTreeMap<String, usize> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut pending: Vec<&String> = ids.iter().collect();
+        let mut outcomes = BTreeMap::new();
+        while !pending.is_empty() {
+            let mut still = Vec::new();
+            for id in pending {
+                let r = self.http.get(self.url("orchestrator", &format!("/orders/{id}"))).send().await;
+                let status = match r {
+                    Ok(r) if r.status() == 200 => r.json::<Value>().await.ok().and_then(|v| v["status"].as_str().map(str::to_owned)),
+                    _ => None,
+                };
+                match status {
+                    Some(s) if matches!(s.as_str(), "shipped" | "cancelled" | "failed") => {
+                        *outcomes.entry(s).or_default() += 1;
+                    }
+                    _ => still.push(id),
+                }
+            }
+            pending = still;
+            if pending.is_empty() {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{} orders not terminal within {timeout:?} (e.g. {})\n--- orchestrator log:\n{}",
+                pending.len(),
+                pending[0],
+                self.log_tail("orchestrator")
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        outcomes
+    }
+
+    /// Waits until the system is quiet, then audits `ids` with `initial` stock per product and
+    /// asserts there is no violation.
+    pub async fn assert_audit_clean(&self, ids: &[String], products: &[String], initial: i64) {
+        self.wait_quiet().await;
+        let scope = AuditScope {
+            orders: Some(ids.iter().map(|i| i.parse().unwrap()).collect()),
+            expect_settled: true,
+            initial_stock: products.iter().map(|p| (p.clone(), initial)).collect(),
+        };
+        let report = self.audit(&scope).await;
+        assert!(report.is_clean(), "audit violations: {:#?}", report.violations);
+        assert_eq!(report.sagas, ids.len());
     }
 }
 
 impl Drop for Stack {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            for name in SERVICES {
+                for name in self.services.keys() {
                 eprintln!("--- {name} log (tail):\n{}", self.log_tail(name));
             }
         }
@@ -478,7 +680,12 @@ impl Drop for Stack {
             }
         }
         let id = self.id.clone();
+        let admin = self.admin_url.clone();
         let _ = self.logs.path();
+        if self.postgres.is_some() {
+            // The private cluster goes away with its directory.
+            return;
+        }
         // Drop the databases from a separate runtime: Drop cannot be async.
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -486,7 +693,7 @@ impl Drop for Stack {
                 .build()
                 .unwrap();
             rt.block_on(async move {
-                if let Ok(mut conn) = sqlx::PgConnection::connect(&admin_db_url()).await {
+                if let Ok(mut conn) = sqlx::PgConnection::connect(&admin).await {
                     for name in SERVICES {
                         let sql = format!("drop database if exists \"{id}_{name}\" with (force)");
                         let _ = sqlx::query(sqlx::AssertSqlSafe(sql))
@@ -500,9 +707,8 @@ impl Drop for Stack {
     }
 }
 
-/// The Postgres URL of a database on the test server.
-pub fn db_url(db: &str) -> String {
-    let admin = admin_db_url();
+/// The Postgres URL of database `db` on the server of `admin`.
+pub fn db_url_on(admin: &str, db: &str) -> String {
     match admin.rfind('/') {
         Some(i) if admin[..i].contains("://") && i > admin.find("://").unwrap() + 2 => {
             let rest = &admin[i + 1..];
@@ -513,9 +719,8 @@ pub fn db_url(db: &str) -> String {
     }
 }
 
-async fn check_postgres() {
-    let url = admin_db_url();
-    if let Err(e) = sqlx::PgConnection::connect(&url).await {
+async fn check_postgres(url: &str) {
+    if let Err(e) = sqlx::PgConnection::connect(url).await {
         panic!("Postgres is required for the end-to-end tests ({url}): {e}");
     }
 }
@@ -562,4 +767,126 @@ pub fn history_statuses(order: &Value) -> Vec<String> {
         .iter()
         .map(|h| h["to"].as_str().unwrap().to_owned())
         .collect()
+}
+
+/// A Postgres cluster of one test's own, on a free port, so the test may restart it.
+pub struct PrivatePostgres {
+    dir: tempfile::TempDir,
+    /// Its port.
+    pub port: u16,
+    bin: PathBuf,
+}
+
+impl PrivatePostgres {
+    /// `initdb` and start a cluster (as user `postgres` when running as root).
+    pub async fn start() -> Self {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .expect("Postgres server binaries under /usr/lib/postgresql")
+            .flatten()
+            .map(|e| e.path().join("bin"))
+            .filter(|p| p.join("initdb").exists())
+            .max()
+            .expect("initdb");
+        let dir = tempfile::Builder::new().prefix("saga-pg").tempdir().unwrap();
+        let pg = PrivatePostgres { dir, port: free_port(), bin };
+        if is_root() {
+            std::process::Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(pg.dir.path())
+                .status()
+                .unwrap();
+        }
+        let ok = pg
+            .pg_command("initdb")
+            .args(["-A", "trust", "-U", "postgres", "--no-sync", "-D"])
+            .arg(pg.data())
+            .stdout(Stdio::null())
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "initdb failed");
+        pg.launch();
+        pg.wait_ready().await;
+        pg
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn pg_command(&self, tool: &str) -> std::process::Command {
+        let path = self.bin.join(tool);
+        if is_root() {
+            let mut c = std::process::Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(path);
+            c
+        } else {
+            std::process::Command::new(path)
+        }
+    }
+
+    fn launch(&self) {
+        let opts = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c max_connections=200",
+            self.port,
+            self.dir.path().display()
+        );
+        let ok = self
+            .pg_command("pg_ctl")
+            .arg("-D")
+            .arg(self.data())
+            .args(["-o", &opts, "-l"])
+            .arg(self.dir.path().join("pg.log"))
+            .args(["-w", "start"])
+            .stdout(Stdio::null())
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "pg_ctl start failed");
+    }
+
+    async fn wait_ready(&self) {
+        let url = self.admin_url();
+        wait_until(Duration::from_secs(20), "private Postgres accepting connections", || {
+            let url = url.clone();
+            async move { sqlx::PgConnection::connect(&url).await.is_ok() }
+        })
+        .await;
+    }
+
+    /// The admin URL (database `postgres`).
+    pub fn admin_url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// Stops the server abruptly (`immediate`: like a crash, recovery on start).
+    pub fn stop(&self) {
+        let _ = self
+            .pg_command("pg_ctl")
+            .arg("-D")
+            .arg(self.data())
+            .args(["-m", "immediate", "-w", "stop"])
+            .stdout(Stdio::null())
+            .status();
+    }
+
+    /// Starts it again after `stop`.
+    pub async fn start_again(&self) {
+        self.launch();
+        self.wait_ready().await;
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn is_root() -> bool {
+    std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
 }

@@ -1,0 +1,253 @@
+//! Fault tests: crashes, broker and database restarts, outages, chaos and replicas. Each is
+//! bounded in time and ends with the audit at zero violations.
+
+use std::time::Duration;
+
+use saga_e2e_tests::{Stack, StackOptions, product};
+
+const FINISH: Duration = Duration::from_secs(180);
+
+async fn stocked(stack: &Stack, n: usize, initial: i64) -> Vec<String> {
+    let products: Vec<String> = (0..n).map(|i| product(&format!("f{i}"))).collect();
+    for p in &products {
+        stack.set_stock(p, initial).await;
+    }
+    products
+}
+
+/// Sagas not yet terminal, straight from the orchestrator's table.
+async fn in_flight(stack: &Stack) -> i64 {
+    let mut db = stack.db("orchestrator").await;
+    sqlx::query_scalar("select count(*) from saga_order where status not in ('shipped', 'cancelled', 'failed')")
+        .fetch_one(&mut db)
+        .await
+        .unwrap()
+}
+
+async fn wait_progress(stack: &Stack, status_at_least: &[&str], count: i64) {
+    let statuses: Vec<String> = status_at_least.iter().map(|s| s.to_string()).collect();
+    let deadline = tokio::time::Instant::now() + FINISH;
+    loop {
+        let mut db = stack.db("orchestrator").await;
+        let n: i64 = sqlx::query_scalar("select count(*) from saga_order where status = any($1)")
+            .bind(&statuses)
+            .fetch_one(&mut db)
+            .await
+            .unwrap();
+        if n >= count {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no progress to {statuses:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn slow_participants() -> StackOptions {
+    StackOptions::default()
+        .with("inventory", "CHAOS_LATENCY_MS", "10")
+        .with("payment", "CHAOS_LATENCY_MS", "10")
+        .with("shipping", "CHAOS_LATENCY_MS", "10")
+        .with("payment", "PAYMENT_SUCCESS_RATE", "0.8")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_orchestrator_with_200_sagas_in_flight_loses_none() {
+    let mut stack = Stack::start_with(slow_participants()).await;
+    let products = stocked(&stack, 5, 1000).await;
+    let ids = stack.create_orders(200, &products, 50).await;
+    let flying = in_flight(&stack).await;
+    stack.kill("orchestrator").await;
+    assert!(flying > 0, "the kill must hit sagas in flight");
+
+    stack.restart("orchestrator").await;
+    let outcomes = stack.wait_all_terminal(&ids, FINISH).await;
+    assert_eq!(outcomes.values().sum::<usize>(), 200);
+    assert!(!outcomes.contains_key("failed"), "{outcomes:?}");
+    stack.assert_audit_clean(&ids, &products, 1000).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_each_participant_in_turn_loses_nothing() {
+    let mut stack = Stack::start_with(slow_participants()).await;
+    let products = stocked(&stack, 5, 1000).await;
+    let ids = stack.create_orders(150, &products, 50).await;
+
+    stack.kill("inventory").await;
+    stack.restart("inventory").await;
+    wait_progress(&stack, &["inventory_reserved", "paid", "shipped", "releasing_inventory", "cancelled"], 30).await;
+    stack.kill("payment").await;
+    stack.restart("payment").await;
+    wait_progress(&stack, &["paid", "shipped", "cancelled"], 30).await;
+    stack.kill("shipping").await;
+    stack.restart("shipping").await;
+
+    let outcomes = stack.wait_all_terminal(&ids, FINISH).await;
+    assert!(!outcomes.contains_key("failed"), "{outcomes:?}");
+    stack.assert_audit_clean(&ids, &products, 1000).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarting_nats_mid_run_loses_nothing() {
+    let mut stack = Stack::start_with(slow_participants()).await;
+    let products = stocked(&stack, 5, 1000).await;
+    let ids = stack.create_orders(150, &products, 50).await;
+    assert!(in_flight(&stack).await > 0);
+    stack.nats[0].restart().await;
+
+    let outcomes = stack.wait_all_terminal(&ids, FINISH).await;
+    assert!(!outcomes.contains_key("failed"), "{outcomes:?}");
+    stack.assert_audit_clean(&ids, &products, 1000).await;
+    // Orders keep working after the restart.
+    let more = stack.create_orders(10, &products, 5).await;
+    stack.wait_all_terminal(&more, FINISH).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarting_postgres_mid_run_loses_nothing() {
+    let mut opts = slow_participants();
+    opts.private_postgres = true;
+    let stack = Stack::start_with(opts).await;
+    let products = stocked(&stack, 5, 1000).await;
+    let ids = stack.create_orders(150, &products, 50).await;
+    assert!(in_flight(&stack).await > 0);
+    let pg = stack.postgres.as_ref().unwrap();
+    pg.stop();
+    pg.start_again().await;
+
+    let outcomes = stack.wait_all_terminal(&ids, FINISH).await;
+    assert!(!outcomes.contains_key("failed"), "{outcomes:?}");
+    stack.assert_audit_clean(&ids, &products, 1000).await;
+    for svc in saga_e2e_tests::SERVICES {
+        let (s, _) = stack.get(svc, "/readyz").await;
+        assert_eq!(s, 200, "{svc} ready again");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_participant_down_past_the_deadline_is_retried_until_it_answers() {
+    let opts = StackOptions::default().with("orchestrator", "STEP_TIMEOUT_MS", "300");
+    let mut stack = Stack::start_with(opts).await;
+    let products = stocked(&stack, 2, 100).await;
+    stack.kill("payment").await;
+    let ids = stack.create_orders(10, &products, 5).await;
+    // Every saga has re-sent its charge at least once.
+    let deadline = tokio::time::Instant::now() + FINISH;
+    loop {
+        let mut db = stack.db("orchestrator").await;
+        let retried: i64 = sqlx::query_scalar(
+            "select count(*) from saga_order where (state->'InventoryReserved'->>'attempt')::int >= 1",
+        )
+        .fetch_one(&mut db)
+        .await
+        .unwrap();
+        if retried == 10 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "charges were not re-sent");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stack.restart("payment").await;
+    let outcomes = stack.wait_all_terminal(&ids, FINISH).await;
+    assert_eq!(outcomes.get("shipped"), Some(&10), "{outcomes:?}");
+    stack.assert_audit_clean(&ids, &products, 100).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_participant_down_past_the_budget_compensates_and_a_failed_saga_can_be_retried() {
+    let opts = StackOptions::default()
+        .with("orchestrator", "STEP_TIMEOUT_MS", "200")
+        .with("orchestrator", "STEP_MAX_ATTEMPTS", "2")
+        .with("orchestrator", "COMPENSATION_MAX_ATTEMPTS", "2");
+    let mut stack = Stack::start_with(opts).await;
+    let products = stocked(&stack, 2, 100).await;
+    stack.kill("payment").await;
+    let ids = stack.create_orders(6, &products, 3).await;
+    // Charge unanswered, refund unanswered: the compensation budget runs out.
+    let outcomes = stack.wait_all_terminal(&ids, FINISH).await;
+    assert_eq!(outcomes.get("failed"), Some(&6), "{outcomes:?}");
+    let (_, failed) = stack.get("orchestrator", "/orders?status=failed").await;
+    assert_eq!(failed["orders"].as_array().unwrap().len(), 6);
+    assert_eq!(failed["orders"][0]["cancel_reason"], "timed_out");
+
+    stack.restart("payment").await;
+    for id in &ids {
+        let (s, body) = stack.post_empty("orchestrator", &format!("/orders/{id}/retry")).await;
+        // A late refund reply may already have moved it on.
+        assert!(s == 202 || s == 409, "{s} {body}");
+    }
+    for id in &ids {
+        let order = stack
+            .wait_order(id, FINISH, "cancelled", |o| o["status"] == "cancelled")
+            .await;
+        assert_eq!(order["cancel_reason"], "timed_out");
+    }
+    stack.assert_audit_clean(&ids, &products, 100).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_chaos_knob_at_once_over_500_sagas_keeps_every_guarantee() {
+    let opts = StackOptions::default()
+        .with_all("CHAOS_ERROR_RATE", "0.2")
+        .with_all("CHAOS_DUPLICATE_RATE", "0.3")
+        .with_all("CHAOS_LATENCY_MS", "3")
+        .with("payment", "PAYMENT_SUCCESS_RATE", "0.8")
+        .with("shipping", "SHIPPING_SUCCESS_RATE", "0.9");
+    let stack = Stack::start_with(opts).await;
+    let products = stocked(&stack, 10, 1000).await;
+    let ids = stack.create_orders(500, &products, 64).await;
+    let outcomes = stack.wait_all_terminal(&ids, FINISH).await;
+    assert!(!outcomes.contains_key("failed"), "{outcomes:?}");
+    assert!(outcomes.get("cancelled").copied().unwrap_or(0) > 0, "{outcomes:?}");
+    assert!(outcomes.get("shipped").copied().unwrap_or(0) > 0, "{outcomes:?}");
+    stack.assert_audit_clean(&ids, &products, 1000).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_of_everything_survive_one_of_each_being_killed() {
+    let stack_opts = slow_participants().replicas(2);
+    let mut stack = Stack::start_with(stack_opts).await;
+    let products = stocked(&stack, 5, 1000).await;
+    let ids = stack.create_orders(200, &products, 50).await;
+    assert!(in_flight(&stack).await > 0);
+    for name in ["orchestrator-2", "inventory-2", "payment-2", "shipping-2"] {
+        stack.kill(name).await;
+    }
+    let outcomes = stack.wait_all_terminal(&ids, FINISH).await;
+    assert!(!outcomes.contains_key("failed"), "{outcomes:?}");
+    stack.assert_audit_clean(&ids, &products, 1000).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_three_node_nats_cluster_loses_nothing_when_a_node_dies() {
+    let mut opts = slow_participants();
+    opts.nats_cluster = true;
+    let mut stack = Stack::start_with(opts).await;
+    let products = stocked(&stack, 5, 1000).await;
+    let js = stack.jetstream().await;
+    for name in ["SAGA_CMD", "SAGA_REPLY", "ORDERS", "SAGA_DLQ"] {
+        let mut s = js.get_stream(name).await.unwrap();
+        assert_eq!(s.info().await.unwrap().config.num_replicas, 3, "{name} at R3");
+    }
+    let ids = stack.create_orders(150, &products, 50).await;
+    assert!(in_flight(&stack).await > 0);
+    stack.nats[1].kill().await;
+
+    let outcomes = stack.wait_all_terminal(&ids, FINISH).await;
+    assert!(!outcomes.contains_key("failed"), "{outcomes:?}");
+    stack.assert_audit_clean(&ids, &products, 1000).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_a_service_cleanly_within_ten_seconds_mid_run() {
+    let mut stack = Stack::start_with(slow_participants()).await;
+    let products = stocked(&stack, 3, 1000).await;
+    let ids = stack.create_orders(100, &products, 50).await;
+    for name in ["payment", "orchestrator"] {
+        let code = stack.terminate(name, Duration::from_secs(10)).await;
+        assert_eq!(code, Some(0), "{name} exits 0 within 10 s");
+        stack.restart(name).await;
+    }
+    let outcomes = stack.wait_all_terminal(&ids, FINISH).await;
+    assert!(!outcomes.contains_key("failed"), "{outcomes:?}");
+    stack.assert_audit_clean(&ids, &products, 1000).await;
+}

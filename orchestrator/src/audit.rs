@@ -136,12 +136,16 @@ pub async fn audit(dbs: &AuditDbs, scope: &AuditScope) -> Result<AuditReport, sq
                     )),
                 }
                 if shipment != Some("shipped") {
-                    v.push(format!("order {id} shipped but its shipment is {shipment:?}"));
+                    v.push(format!(
+                        "order {id} shipped but its shipment is {shipment:?}"
+                    ));
                 }
             }
             "cancelled" => {
                 if reservation == Some("reserved") {
-                    v.push(format!("order {id} cancelled with its reservation still held"));
+                    v.push(format!(
+                        "order {id} cancelled with its reservation still held"
+                    ));
                 }
                 if matches!(payment, Some((s, _)) if s == "charged") {
                     v.push(format!("order {id} cancelled with an unrefunded charge"));
@@ -152,9 +156,7 @@ pub async fn audit(dbs: &AuditDbs, scope: &AuditScope) -> Result<AuditReport, sq
             }
             // Failed sagas await an operator; their effects are whatever the stuck step left.
             "failed" => {}
-            other if scope.expect_settled => {
-                v.push(format!("order {id} is still {other}"))
-            }
+            other if scope.expect_settled => v.push(format!("order {id} is still {other}")),
             _ => {}
         }
     }

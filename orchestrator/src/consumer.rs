@@ -61,6 +61,7 @@ impl Handler for ReplyHandler {
         {
             Ok(applied) => {
                 tx.commit().await?;
+                applied.record_metrics();
                 if !applied.changed {
                     tracing::debug!(saga_id = %order_id, event = event.name(), "late or duplicate reply ignored");
                 }

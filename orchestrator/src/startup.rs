@@ -64,7 +64,7 @@ impl Application {
             durable: REPLY_CONSUMER.into(),
             filter_subject: "saga.reply.>".into(),
             max_deliver: 10,
-            ack_wait: Duration::from_secs(30),
+            ack_wait: Duration::from_secs(10),
             concurrency: self.settings.common.consumer_concurrency as usize,
         };
         let handler = Arc::new(ReplyHandler {

@@ -220,7 +220,7 @@ pub async fn run<D: Decide>(
         durable: name.into(),
         filter_subject: D::PARTICIPANT.command_filter(),
         max_deliver: 10,
-        ack_wait: Duration::from_secs(30),
+        ack_wait: Duration::from_secs(10),
         concurrency: common.consumer_concurrency as usize,
     };
     let js = rt.js.clone();

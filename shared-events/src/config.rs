@@ -29,6 +29,10 @@ pub struct CommonArgs {
     #[arg(long, env = "CONSUMER_CONCURRENCY", default_value_t = 32,
           value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub consumer_concurrency: u32,
+    /// Copies of each JetStream stream (3 on a three-node cluster).
+    #[arg(long, env = "STREAM_REPLICAS", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..=5))]
+    pub stream_replicas: u32,
 }
 
 impl CommonArgs {

@@ -51,6 +51,12 @@ pub async fn connect(
     wait: Duration,
 ) -> Result<async_nats::Client, NatsError> {
     let deadline = tokio::time::Instant::now() + wait;
+    // `url` may list several servers separated by commas (the nodes of a cluster).
+    let servers: Vec<&str> = url
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect();
     loop {
         let opts = async_nats::ConnectOptions::new()
             .name(name)
@@ -63,7 +69,7 @@ pub async fn connect(
                     other => tracing::debug!(event = %other, "NATS event"),
                 }
             });
-        match opts.connect(url).await {
+        match opts.connect(servers.as_slice()).await {
             Ok(client) => return Ok(client),
             Err(source) if tokio::time::Instant::now() >= deadline => {
                 return Err(NatsError::Connect {
@@ -79,10 +85,10 @@ pub async fn connect(
     }
 }
 
-/// The stream definitions every service agrees on.
-pub fn stream_configs() -> Vec<stream::Config> {
+/// The stream definitions every service agrees on, at `replicas` copies each.
+pub fn stream_configs(replicas: usize) -> Vec<stream::Config> {
     let dedup = Duration::from_secs(120);
-    vec![
+    let mut configs = vec![
         stream::Config {
             name: STREAM_CMD.into(),
             subjects: vec!["saga.cmd.>".into()],
@@ -117,12 +123,16 @@ pub fn stream_configs() -> Vec<stream::Config> {
             max_age: Duration::from_secs(30 * 24 * 3600),
             ..Default::default()
         },
-    ]
+    ];
+    for c in &mut configs {
+        c.num_replicas = replicas;
+    }
+    configs
 }
 
 /// Creates or updates every stream (safe to run from every replica at every start).
-pub async fn ensure_streams(js: &jetstream::Context) -> Result<(), NatsError> {
-    for config in stream_configs() {
+pub async fn ensure_streams(js: &jetstream::Context, replicas: usize) -> Result<(), NatsError> {
+    for config in stream_configs(replicas) {
         let name = config.name.clone();
         js.create_or_update_stream(config)
             .await
@@ -133,7 +143,7 @@ pub async fn ensure_streams(js: &jetstream::Context) -> Result<(), NatsError> {
 
 /// Checks that every stream exists (readiness).
 pub async fn check_streams(js: &jetstream::Context) -> Result<(), NatsError> {
-    for config in stream_configs() {
+    for config in stream_configs(1) {
         js.get_stream(&config.name)
             .await
             .map_err(|source| NatsError::GetStream {

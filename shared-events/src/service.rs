@@ -72,7 +72,18 @@ impl Runtime {
         let pool = crate::db::connect(opts, migrator, common.db_pool_size, wait).await?;
         let nats = crate::nats::connect(&common.nats_url, service, wait).await?;
         let js = jetstream::new(nats.clone());
-        crate::nats::ensure_streams(&js).await?;
+        // A fresh cluster may not have elected its JetStream leader yet: retry for a while.
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            match crate::nats::ensure_streams(&js, common.stream_replicas as usize).await {
+                Ok(()) => break,
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    tracing::warn!(error = %e, "streams not ready yet; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
         Ok(Runtime {
             pool,
             nats,

@@ -18,10 +18,12 @@ async fn stocked(stack: &Stack, n: usize, initial: i64) -> Vec<String> {
 /// Sagas not yet terminal, straight from the orchestrator's table.
 async fn in_flight(stack: &Stack) -> i64 {
     let mut db = stack.db("orchestrator").await;
-    sqlx::query_scalar("select count(*) from saga_order where status not in ('shipped', 'cancelled', 'failed')")
-        .fetch_one(&mut db)
-        .await
-        .unwrap()
+    sqlx::query_scalar(
+        "select count(*) from saga_order where status not in ('shipped', 'cancelled', 'failed')",
+    )
+    .fetch_one(&mut db)
+    .await
+    .unwrap()
 }
 
 async fn wait_progress(stack: &Stack, status_at_least: &[&str], count: i64) {
@@ -37,7 +39,10 @@ async fn wait_progress(stack: &Stack, status_at_least: &[&str], count: i64) {
         if n >= count {
             return;
         }
-        assert!(tokio::time::Instant::now() < deadline, "no progress to {statuses:?}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no progress to {statuses:?}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -74,7 +79,18 @@ async fn killing_each_participant_in_turn_loses_nothing() {
 
     stack.kill("inventory").await;
     stack.restart("inventory").await;
-    wait_progress(&stack, &["inventory_reserved", "paid", "shipped", "releasing_inventory", "cancelled"], 30).await;
+    wait_progress(
+        &stack,
+        &[
+            "inventory_reserved",
+            "paid",
+            "shipped",
+            "releasing_inventory",
+            "cancelled",
+        ],
+        30,
+    )
+    .await;
     stack.kill("payment").await;
     stack.restart("payment").await;
     wait_progress(&stack, &["paid", "shipped", "cancelled"], 30).await;
@@ -143,7 +159,10 @@ async fn a_participant_down_past_the_deadline_is_retried_until_it_answers() {
         if retried == 10 {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "charges were not re-sent");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "charges were not re-sent"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     stack.restart("payment").await;
@@ -171,7 +190,9 @@ async fn a_participant_down_past_the_budget_compensates_and_a_failed_saga_can_be
 
     stack.restart("payment").await;
     for id in &ids {
-        let (s, body) = stack.post_empty("orchestrator", &format!("/orders/{id}/retry")).await;
+        let (s, body) = stack
+            .post_empty("orchestrator", &format!("/orders/{id}/retry"))
+            .await;
         // A late refund reply may already have moved it on.
         assert!(s == 202 || s == 409, "{s} {body}");
     }
@@ -197,8 +218,14 @@ async fn every_chaos_knob_at_once_over_500_sagas_keeps_every_guarantee() {
     let ids = stack.create_orders(500, &products, 64).await;
     let outcomes = stack.wait_all_terminal(&ids, FINISH).await;
     assert!(!outcomes.contains_key("failed"), "{outcomes:?}");
-    assert!(outcomes.get("cancelled").copied().unwrap_or(0) > 0, "{outcomes:?}");
-    assert!(outcomes.get("shipped").copied().unwrap_or(0) > 0, "{outcomes:?}");
+    assert!(
+        outcomes.get("cancelled").copied().unwrap_or(0) > 0,
+        "{outcomes:?}"
+    );
+    assert!(
+        outcomes.get("shipped").copied().unwrap_or(0) > 0,
+        "{outcomes:?}"
+    );
     stack.assert_audit_clean(&ids, &products, 1000).await;
 }
 
@@ -226,7 +253,11 @@ async fn a_three_node_nats_cluster_loses_nothing_when_a_node_dies() {
     let js = stack.jetstream().await;
     for name in ["SAGA_CMD", "SAGA_REPLY", "ORDERS", "SAGA_DLQ"] {
         let mut s = js.get_stream(name).await.unwrap();
-        assert_eq!(s.info().await.unwrap().config.num_replicas, 3, "{name} at R3");
+        assert_eq!(
+            s.info().await.unwrap().config.num_replicas,
+            3,
+            "{name} at R3"
+        );
     }
     let ids = stack.create_orders(150, &products, 50).await;
     assert!(in_flight(&stack).await > 0);

@@ -83,41 +83,88 @@ pub struct Nats {
     /// Client port.
     pub port: u16,
     dir: tempfile::TempDir,
+    cluster: Option<(String, u16, Vec<u16>)>,
 }
 
 impl Nats {
     /// Starts a server on a free port and waits until it accepts connections.
     pub async fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
         let mut nats = Nats {
             child: None,
-            port,
-            dir,
+            port: free_port(),
+            dir: tempfile::tempdir().unwrap(),
+            cluster: None,
         };
         nats.spawn().await;
         nats
     }
 
-    async fn spawn(&mut self) {
+    /// Starts a three-node JetStream cluster on loopback.
+    pub async fn start_cluster() -> Vec<Nats> {
+        let cluster_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let mut nodes: Vec<Nats> = (0..3)
+            .map(|i| Nats {
+                child: None,
+                port: free_port(),
+                dir: tempfile::tempdir().unwrap(),
+                cluster: Some((
+                    format!("n{i}"),
+                    cluster_ports[i],
+                    cluster_ports
+                        .iter()
+                        .copied()
+                        .filter(|p| *p != cluster_ports[i])
+                        .collect(),
+                )),
+            })
+            .collect();
+        for n in &mut nodes {
+            n.launch();
+        }
+        for n in &nodes {
+            n.wait_accepting().await;
+        }
+        nodes
+    }
+
+    fn launch(&mut self) {
         let store = self.dir.path().join("js");
-        let log = std::fs::File::create(self.dir.path().join("nats.log")).unwrap();
-        let child = Command::new(nats_server_bin())
-            .args([
-                "-a",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-js",
-                "-sd",
-            ])
-            .arg(&store)
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("nats.log"))
+            .unwrap();
+        let mut cmd = Command::new(nats_server_bin());
+        cmd.args([
+            "-a",
+            "127.0.0.1",
+            "-p",
+            &self.port.to_string(),
+            "-js",
+            "-sd",
+        ])
+        .arg(&store);
+        if let Some((name, port, peers)) = &self.cluster {
+            let routes: Vec<String> = peers
+                .iter()
+                .map(|p| format!("nats://127.0.0.1:{p}"))
+                .collect();
+            cmd.args(["-n", name, "--cluster_name", "saga-test"])
+                .arg("--cluster")
+                .arg(format!("nats://127.0.0.1:{port}"))
+                .arg("--routes")
+                .arg(routes.join(","));
+        }
+        let child = cmd
             .stdout(Stdio::null())
             .stderr(log)
             .kill_on_drop(true)
             .spawn()
             .expect("spawn nats-server");
         self.child = Some(child);
+    }
+
+    async fn wait_accepting(&self) {
         let url = self.url();
         wait_until(
             Duration::from_secs(10),
@@ -128,6 +175,24 @@ impl Nats {
             },
         )
         .await;
+    }
+
+    async fn spawn(&mut self) {
+        self.launch();
+        self.wait_accepting().await;
+    }
+
+    /// Kills the server with SIGKILL (its file store survives).
+    pub async fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().await.ok();
+        }
+    }
+
+    /// Kills the server and starts it again on the same port and store.
+    pub async fn restart(&mut self) {
+        self.kill().await;
+        self.spawn().await;
     }
 
     /// `nats://127.0.0.1:<port>`.
@@ -231,20 +296,28 @@ impl Stack {
         let id = format!("e2e_{}", &Uuid::new_v4().simple().to_string()[..12]);
         let logs = tempfile::tempdir().unwrap();
         let mut services = BTreeMap::new();
-        for (replica, name) in (1..=opts.replicas.max(1))
-            .flat_map(|r| SERVICES.iter().map(move |n| (r, *n)))
+        for (replica, name) in
+            (1..=opts.replicas.max(1)).flat_map(|r| SERVICES.iter().map(move |n| (r, *n)))
         {
             let port = free_port();
             let db = format!("{id}_{name}");
-            let key = if replica == 1 { name.to_string() } else { format!("{name}-{replica}") };
+            let key = if replica == 1 {
+                name.to_string()
+            } else {
+                format!("{name}-{replica}")
+            };
             let mut env = vec![
                 ("NATS_URL".to_string(), nats_url.clone()),
                 ("DATABASE_URL".to_string(), db_url_on(&admin_url, &db)),
                 ("HTTP_ADDR".to_string(), format!("127.0.0.1:{port}")),
                 ("RUST_LOG".to_string(), "info".to_string()),
                 ("NO_COLOR".to_string(), "1".to_string()),
+                ("RUST_BACKTRACE".to_string(), "0".to_string()),
                 ("DB_POOL_SIZE".to_string(), "8".to_string()),
-                ("STREAM_REPLICAS".to_string(), if opts.nats_cluster { "3" } else { "1" }.to_string()),
+                (
+                    "STREAM_REPLICAS".to_string(),
+                    if opts.nats_cluster { "3" } else { "1" }.to_string(),
+                ),
             ];
             env.extend(opts.env.get(name).cloned().unwrap_or_default());
             services.insert(
@@ -545,7 +618,9 @@ impl Stack {
 
     /// A connection to one service's database.
     pub async fn db(&self, name: &str) -> sqlx::PgConnection {
-        sqlx::PgConnection::connect(&self.db_url(name)).await.unwrap()
+        sqlx::PgConnection::connect(&self.db_url(name))
+            .await
+            .unwrap()
     }
 
     /// A JetStream context on the test's broker.
@@ -555,8 +630,15 @@ impl Stack {
 
     /// A client of the test's broker (any node).
     pub async fn nats_client(&self) -> async_nats::Client {
-        let urls: Vec<String> = self.nats.iter().filter(|n| n.child.is_some()).map(Nats::url).collect();
-        async_nats::connect(urls.as_slice()).await.expect("connect to test nats")
+        let urls: Vec<String> = self
+            .nats
+            .iter()
+            .filter(|n| n.child.is_some())
+            .map(Nats::url)
+            .collect();
+        async_nats::connect(urls.as_slice())
+            .await
+            .expect("connect to test nats")
     }
 
     /// Runs the audit over this stack's four databases.
@@ -583,12 +665,23 @@ impl Stack {
     /// Creates `n` orders over `products` with `concurrency` requests in flight; returns their ids.
     /// Requests that fail (a service is being killed) are retried with the same Idempotency-Key,
     /// so each order exists exactly once.
-    pub async fn create_orders(&self, n: usize, products: &[String], concurrency: usize) -> Vec<String> {
+    pub async fn create_orders(
+        &self,
+        n: usize,
+        products: &[String],
+        concurrency: usize,
+    ) -> Vec<String> {
         use futures_util::StreamExt;
         futures_util::stream::iter(0..n)
             .map(|i| {
                 let items: Vec<(&str, i64, i64)> = (0..1 + i % 3)
-                    .map(|j| (products[(i + j) % products.len()].as_str(), 1 + (i % 2) as i64, 100 + i as i64))
+                    .map(|j| {
+                        (
+                            products[(i + j) % products.len()].as_str(),
+                            1 + (i % 2) as i64,
+                            100 + i as i64,
+                        )
+                    })
                     .collect();
                 let body = order_body(&format!("c{i}"), &items);
                 let key = format!("{}-{i}", self.id);
@@ -606,7 +699,10 @@ impl Stack {
                         {
                             return v["id"].as_str().unwrap().to_owned();
                         }
-                        assert!(tokio::time::Instant::now() < deadline, "could not create order {i}");
+                        assert!(
+                            tokio::time::Instant::now() < deadline,
+                            "could not create order {i}"
+                        );
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }
                 }
@@ -617,16 +713,28 @@ impl Stack {
     }
 
     /// Waits until every order is terminal; returns the count per status.
-    pub async fn wait_all_terminal(&self, ids: &[String], timeout: Duration) -> BTreeMap<String, usize> {
+    pub async fn wait_all_terminal(
+        &self,
+        ids: &[String],
+        timeout: Duration,
+    ) -> BTreeMap<String, usize> {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut pending: Vec<&String> = ids.iter().collect();
         let mut outcomes = BTreeMap::new();
         while !pending.is_empty() {
             let mut still = Vec::new();
             for id in pending {
-                let r = self.http.get(self.url("orchestrator", &format!("/orders/{id}"))).send().await;
+                let r = self
+                    .http
+                    .get(self.url("orchestrator", &format!("/orders/{id}")))
+                    .send()
+                    .await;
                 let status = match r {
-                    Ok(r) if r.status() == 200 => r.json::<Value>().await.ok().and_then(|v| v["status"].as_str().map(str::to_owned)),
+                    Ok(r) if r.status() == 200 => r
+                        .json::<Value>()
+                        .await
+                        .ok()
+                        .and_then(|v| v["status"].as_str().map(str::to_owned)),
                     _ => None,
                 };
                 match status {
@@ -662,7 +770,11 @@ impl Stack {
             initial_stock: products.iter().map(|p| (p.clone(), initial)).collect(),
         };
         let report = self.audit(&scope).await;
-        assert!(report.is_clean(), "audit violations: {:#?}", report.violations);
+        assert!(
+            report.is_clean(),
+            "audit violations: {:#?}",
+            report.violations
+        );
         assert_eq!(report.sagas, ids.len());
     }
 }
@@ -670,7 +782,7 @@ impl Stack {
 impl Drop for Stack {
     fn drop(&mut self) {
         if std::thread::panicking() {
-                for name in self.services.keys() {
+            for name in self.services.keys() {
                 eprintln!("--- {name} log (tail):\n{}", self.log_tail(name));
             }
         }
@@ -787,8 +899,15 @@ impl PrivatePostgres {
             .filter(|p| p.join("initdb").exists())
             .max()
             .expect("initdb");
-        let dir = tempfile::Builder::new().prefix("saga-pg").tempdir().unwrap();
-        let pg = PrivatePostgres { dir, port: free_port(), bin };
+        let dir = tempfile::Builder::new()
+            .prefix("saga-pg")
+            .tempdir()
+            .unwrap();
+        let pg = PrivatePostgres {
+            dir,
+            port: free_port(),
+            bin,
+        };
         if is_root() {
             std::process::Command::new("chown")
                 .args(["-R", "postgres:postgres"])
@@ -847,10 +966,14 @@ impl PrivatePostgres {
 
     async fn wait_ready(&self) {
         let url = self.admin_url();
-        wait_until(Duration::from_secs(20), "private Postgres accepting connections", || {
-            let url = url.clone();
-            async move { sqlx::PgConnection::connect(&url).await.is_ok() }
-        })
+        wait_until(
+            Duration::from_secs(20),
+            "private Postgres accepting connections",
+            || {
+                let url = url.clone();
+                async move { sqlx::PgConnection::connect(&url).await.is_ok() }
+            },
+        )
         .await;
     }
 

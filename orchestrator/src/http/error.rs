@@ -38,6 +38,13 @@ impl IntoResponse for ApiError {
                 )])
                 .into_response()
             }
+            // The database is down or saturated: a retry will do.
+            ApiError::Store(StoreError::Db(
+                e @ (sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_)),
+            )) => {
+                tracing::warn!(error = %e, "database unavailable");
+                Problem::unavailable("database temporarily unavailable", 1).into_response()
+            }
             ApiError::Store(e) => {
                 tracing::error!(error.cause_chain = ?e, "request failed");
                 Problem::internal().into_response()

@@ -149,11 +149,12 @@ type SagaRow = (
     String,
     Json<Vec<Item>>,
     i64,
-    Json<BTreeMap<String, String>>,
+    f64,
+    f64,
 );
 
 /// What applying an event did.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Applied {
     /// Status before.
     pub from: String,
@@ -163,6 +164,42 @@ pub struct Applied {
     pub finished: Option<SagaEnd>,
     /// Whether anything changed (false for ignored late or duplicate events).
     pub changed: bool,
+    /// Seconds since the saga's previous change (the step's duration when the status moved).
+    pub step_seconds: f64,
+    /// Seconds since the saga was created.
+    pub saga_seconds: f64,
+}
+
+impl Applied {
+    /// Records the saga metrics; call after the transaction committed.
+    pub fn record_metrics(&self) {
+        if self.from != self.to {
+            metrics::histogram!("saga_step_duration_seconds", "step" => step_name(&self.from))
+                .record(self.step_seconds);
+        }
+        if let Some(end) = self.finished {
+            let outcome = match end {
+                SagaEnd::Completed => "shipped",
+                SagaEnd::Cancelled => "cancelled",
+                SagaEnd::Failed => "failed",
+            };
+            metrics::counter!("sagas_finished_total", "outcome" => outcome).increment(1);
+            metrics::histogram!("saga_duration_seconds", "outcome" => outcome)
+                .record(self.saga_seconds);
+        }
+    }
+}
+
+/// The step a status waits on, for the step-duration metric.
+fn step_name(status: &str) -> &'static str {
+    match status {
+        "created" => "reserve",
+        "inventory_reserved" => "charge",
+        "paid" => "ship",
+        "refunding_payment" => "refund",
+        "releasing_inventory" => "release",
+        _ => "other",
+    }
 }
 
 /// The saga store and driver.
@@ -283,6 +320,7 @@ impl SagaStore {
         let mut tx = self.pool.begin().await?;
         let applied = self.apply_locked(&mut tx, order_id, event, None).await?;
         tx.commit().await?;
+        applied.record_metrics();
         Ok(applied)
     }
 
@@ -296,13 +334,24 @@ impl SagaStore {
         causation_id: Option<Uuid>,
     ) -> Result<Applied, StoreError> {
         let row: Option<SagaRow> = sqlx::query_as(
-            "select state, status, version, customer_id, items, total_cents, trace_context \
+            "select state, status, version, customer_id, items, total_cents, \
+             extract(epoch from clock_timestamp() - updated_at)::float8, \
+             extract(epoch from clock_timestamp() - created_at)::float8 \
              from saga_order where order_id = $1 for update",
         )
         .bind(order_id)
         .fetch_optional(&mut *conn)
         .await?;
-        let Some((Json(state), from, version, customer_id, Json(items), total_cents, _trace)) = row
+        let Some((
+            Json(state),
+            from,
+            version,
+            customer_id,
+            Json(items),
+            total_cents,
+            step_seconds,
+            saga_seconds,
+        )) = row
         else {
             return Err(StoreError::NotFound(order_id));
         };
@@ -314,6 +363,8 @@ impl SagaStore {
                 to: from,
                 finished: None,
                 changed: false,
+                step_seconds,
+                saga_seconds,
             });
         }
 
@@ -398,6 +449,8 @@ impl SagaStore {
             to: to.into(),
             finished,
             changed: true,
+            step_seconds,
+            saga_seconds,
         })
     }
 
@@ -489,6 +542,7 @@ impl SagaStore {
         }
         let applied = self.apply_locked(&mut tx, order_id, &event, None).await?;
         tx.commit().await?;
+        applied.record_metrics();
         Ok(applied)
     }
 
@@ -503,16 +557,20 @@ impl SagaStore {
         .bind(limit)
         .fetch_all(&mut *tx)
         .await?;
+        let mut applied = Vec::with_capacity(due.len());
         for (order_id, Json(trace)) in &due {
             use tracing::Instrument;
             use tracing_opentelemetry::OpenTelemetrySpanExt;
             let span = tracing::info_span!("saga deadline", saga_id = %order_id);
             let _ = span.set_parent(saga_shared_events::propagation::context_from_fields(trace));
-            self.apply_locked(&mut tx, *order_id, &Event::StepTimedOut, None)
-                .instrument(span)
-                .await?;
+            applied.push(
+                self.apply_locked(&mut tx, *order_id, &Event::StepTimedOut, None)
+                    .instrument(span)
+                    .await?,
+            );
         }
         tx.commit().await?;
+        applied.iter().for_each(Applied::record_metrics);
         Ok(due.len())
     }
 

@@ -92,14 +92,20 @@ pub struct ChaosReport {
 }
 
 /// Runs the experiment; returns the report (violations make the caller exit non-zero).
-pub async fn run(ep: &Endpoints, args: &ChaosArgs, dbs: Option<AuditDbs>) -> anyhow::Result<ChaosReport> {
+pub async fn run(
+    ep: &Endpoints,
+    args: &ChaosArgs,
+    dbs: Option<AuditDbs>,
+) -> anyhow::Result<ChaosReport> {
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
         .pool_max_idle_per_host(args.concurrency as usize)
         .build()?;
     let seed = args.seed.unwrap_or_else(rand::random);
     let run_id = &Uuid::new_v4().simple().to_string()[..8];
-    let products: Vec<String> = (0..args.products).map(|i| format!("chaos-{run_id}-{i}")).collect();
+    let products: Vec<String> = (0..args.products)
+        .map(|i| format!("chaos-{run_id}-{i}"))
+        .collect();
     // Ample stock: the experiment is about payments and shipping, not sell-outs.
     let initial = (args.orders * 9 / args.products + 10) as i64;
     for p in &products {
@@ -110,7 +116,11 @@ pub async fn run(ep: &Endpoints, args: &ChaosArgs, dbs: Option<AuditDbs>) -> any
             .await
             .with_context(|| format!("cannot reach inventory at {}", ep.inventory))?;
         if !r.status().is_success() {
-            bail!("setting stock failed: {} {}", r.status(), r.text().await.unwrap_or_default());
+            bail!(
+                "setting stock failed: {} {}",
+                r.status(),
+                r.text().await.unwrap_or_default()
+            );
         }
     }
     let bodies = generate(args.orders as usize, &products, seed);
@@ -157,12 +167,16 @@ async fn drive(
     let w = waiters.clone();
     let listener = tokio::spawn(async move {
         while let Some(msg) = sub.next().await {
-            let Ok(env) = Envelope::decode(&msg.payload) else { continue };
+            let Ok(env) = Envelope::decode(&msg.payload) else {
+                continue;
+            };
             let ending = match &env.body {
-                Body::OrderCompleted(e) | Body::OrderCancelled(e) | Body::OrderFailed(e) => Ending {
-                    status: e.status.clone(),
-                    reason: e.cancel_reason.map(|r| r.as_str().to_owned()),
-                },
+                Body::OrderCompleted(e) | Body::OrderCancelled(e) | Body::OrderFailed(e) => {
+                    Ending {
+                        status: e.status.clone(),
+                        reason: e.cancel_reason.map(|r| r.as_str().to_owned()),
+                    }
+                }
                 _ => continue,
             };
             let mut w = w.lock().unwrap_or_else(|e| e.into_inner());
@@ -245,7 +259,10 @@ async fn drive(
                         };
                         match rx {
                             Ok(e) => Some(e),
-                            Err(rx) => tokio::time::timeout(order_timeout, rx).await.ok().and_then(Result::ok),
+                            Err(rx) => tokio::time::timeout(order_timeout, rx)
+                                .await
+                                .ok()
+                                .and_then(Result::ok),
                         }
                     }
                 };
@@ -258,7 +275,10 @@ async fn drive(
                     let mut c = counts.lock().unwrap_or_else(|e| e.into_inner());
                     *c.entry(label).or_default() += 1;
                     bar.set_message(
-                        c.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" "),
+                        c.iter()
+                            .map(|(k, v)| format!("{k}={v}"))
+                            .collect::<Vec<_>>()
+                            .join(" "),
                     );
                 }
                 bar.inc(1);
@@ -317,22 +337,34 @@ async fn drive(
         ("p50", pct(0.50)),
         ("p90", pct(0.90)),
         ("p99", pct(0.99)),
-        ("max", latencies.last().map(|d| d.as_secs_f64() * 1000.0).unwrap_or(0.0)),
+        (
+            "max",
+            latencies
+                .last()
+                .map(|d| d.as_secs_f64() * 1000.0)
+                .unwrap_or(0.0),
+        ),
     ]);
     // Throughput after a 5 % warm-up.
     let warm = finish_times.len() / 20;
     let throughput = match (finish_times.get(warm), finish_times.last()) {
-        (Some(a), Some(b)) if b > a => (finish_times.len() - warm - 1) as f64 / (*b - *a).as_secs_f64(),
+        (Some(a), Some(b)) if b > a => {
+            (finish_times.len() - warm - 1) as f64 / (*b - *a).as_secs_f64()
+        }
         _ => finish_times.len() as f64 / wall.as_secs_f64().max(1e-9),
     };
     // Orders that reached payment: everything but inventory rejections.
     let declined = reasons.get("payment_declined").copied().unwrap_or(0);
-    let reached_payment = ids.len() as u64 - reasons.get("inventory_rejected").copied().unwrap_or(0);
+    let reached_payment =
+        ids.len() as u64 - reasons.get("inventory_rejected").copied().unwrap_or(0);
     let observed = (reached_payment > 0).then(|| 1.0 - declined as f64 / reached_payment as f64);
 
     let n = ids.len().max(1) as f64;
     let cpu = proc_stats::diff(&before, &after);
-    let cpu_ms_per_saga = cpu.iter().map(|(k, s)| (k.clone(), s * 1000.0 / n)).collect();
+    let cpu_ms_per_saga = cpu
+        .iter()
+        .map(|(k, s)| (k.clone(), s * 1000.0 / n))
+        .collect();
     let rss_mb = proc_stats::rss_mb();
 
     let mut violations = Vec::new();
@@ -340,7 +372,9 @@ async fn drive(
         violations.push(format!("{http_errors} orders were not accepted"));
     }
     if timed_out > 0 {
-        violations.push(format!("{timed_out} orders did not end within {order_timeout:?}"));
+        violations.push(format!(
+            "{timed_out} orders did not end within {order_timeout:?}"
+        ));
     }
     let (audit_report, xacts, msgs) = match dbs {
         Some(d) => {
@@ -369,9 +403,12 @@ async fn drive(
                     .await?
                     .json()
                     .await?;
-                let sum = v["available"].as_i64().unwrap_or(0) + v["reserved"].as_i64().unwrap_or(0);
+                let sum =
+                    v["available"].as_i64().unwrap_or(0) + v["reserved"].as_i64().unwrap_or(0);
                 if sum != initial {
-                    violations.push(format!("product {p}: stock not conserved ({sum} != {initial})"));
+                    violations.push(format!(
+                        "product {p}: stock not conserved ({sum} != {initial})"
+                    ));
                 }
             }
             (None, None, None)
@@ -402,7 +439,10 @@ async fn drive(
 
 /// Prints the human summary.
 pub fn print_report(r: &ChaosReport) {
-    println!("orders {}  concurrency {}  seed {}", r.orders, r.concurrency, r.seed);
+    println!(
+        "orders {}  concurrency {}  seed {}",
+        r.orders, r.concurrency, r.seed
+    );
     println!("outcomes:");
     for (k, v) in &r.outcomes {
         println!("  {k:<12} {v}");
@@ -411,7 +451,10 @@ pub fn print_report(r: &ChaosReport) {
         println!("    cancel_reason {k:<20} {v}");
     }
     if r.http_errors + r.timed_out > 0 {
-        println!("  not accepted {}  not ended {}", r.http_errors, r.timed_out);
+        println!(
+            "  not accepted {}  not ended {}",
+            r.http_errors, r.timed_out
+        );
     }
     println!(
         "payment success rate: configured {:.3}, observed {}",
@@ -445,8 +488,15 @@ pub fn print_report(r: &ChaosReport) {
         println!("nats stream messages per saga: {x:.1}");
     }
     match &r.audit {
-        Some(a) => println!("audit: {} sagas checked, {} violations", a.sagas, r.violations.len()),
-        None => println!("audit: databases unreachable; stock checked over HTTP; {} violations", r.violations.len()),
+        Some(a) => println!(
+            "audit: {} sagas checked, {} violations",
+            a.sagas,
+            r.violations.len()
+        ),
+        None => println!(
+            "audit: databases unreachable; stock checked over HTTP; {} violations",
+            r.violations.len()
+        ),
     }
     for v in r.violations.iter().take(50) {
         println!("  VIOLATION {v}");
@@ -487,7 +537,11 @@ async fn get_chaos(http: &reqwest::Client, base: &str) -> anyhow::Result<Value> 
 async fn put_chaos(http: &reqwest::Client, base: &str, v: &Value) -> anyhow::Result<()> {
     let r = http.put(format!("{base}/chaos")).json(v).send().await?;
     if !r.status().is_success() {
-        bail!("PUT {base}/chaos: {} {}", r.status(), r.text().await.unwrap_or_default());
+        bail!(
+            "PUT {base}/chaos: {} {}",
+            r.status(),
+            r.text().await.unwrap_or_default()
+        );
     }
     Ok(())
 }

@@ -25,7 +25,10 @@ pub struct DeadLetter {
 
 /// Lists up to `limit` dead letters, oldest first.
 pub async fn list(js: &jetstream::Context, limit: usize) -> anyhow::Result<Vec<DeadLetter>> {
-    let mut stream = js.get_stream(STREAM_DLQ).await.context("no SAGA_DLQ stream")?;
+    let mut stream = js
+        .get_stream(STREAM_DLQ)
+        .await
+        .context("no SAGA_DLQ stream")?;
     let state = stream.info().await?.state.clone();
     let mut out = Vec::new();
     if state.messages == 0 {
@@ -35,7 +38,9 @@ pub async fn list(js: &jetstream::Context, limit: usize) -> anyhow::Result<Vec<D
         if out.len() >= limit {
             break;
         }
-        let Ok(msg) = stream.get_raw_message(seq).await else { continue };
+        let Ok(msg) = stream.get_raw_message(seq).await else {
+            continue;
+        };
         let get = |name: &str| {
             msg.headers
                 .get(name)
@@ -57,10 +62,17 @@ pub async fn list(js: &jetstream::Context, limit: usize) -> anyhow::Result<Vec<D
 /// Re-publishes dead letters to their original subjects (original headers and payload, a fresh
 /// `Nats-Msg-Id`), then removes them from `SAGA_DLQ`. Returns how many were replayed.
 pub async fn replay(js: &jetstream::Context, ids: Option<Vec<u64>>) -> anyhow::Result<usize> {
-    let stream = js.get_stream(STREAM_DLQ).await.context("no SAGA_DLQ stream")?;
+    let stream = js
+        .get_stream(STREAM_DLQ)
+        .await
+        .context("no SAGA_DLQ stream")?;
     let ids = match ids {
         Some(ids) => ids,
-        None => list(js, usize::MAX).await?.into_iter().map(|d| d.id).collect(),
+        None => list(js, usize::MAX)
+            .await?
+            .into_iter()
+            .map(|d| d.id)
+            .collect(),
     };
     let mut replayed = 0;
     for seq in ids {
@@ -68,7 +80,11 @@ pub async fn replay(js: &jetstream::Context, ids: Option<Vec<u64>>) -> anyhow::R
             .get_raw_message(seq)
             .await
             .with_context(|| format!("no dead letter {seq}"))?;
-        let Some(subject) = msg.headers.get(header::DLQ_SUBJECT).map(|v| v.as_str().to_owned()) else {
+        let Some(subject) = msg
+            .headers
+            .get(header::DLQ_SUBJECT)
+            .map(|v| v.as_str().to_owned())
+        else {
             bail!("dead letter {seq} has no {} header", header::DLQ_SUBJECT);
         };
         let mut headers = HeaderMap::new();
@@ -81,7 +97,10 @@ pub async fn replay(js: &jetstream::Context, ids: Option<Vec<u64>>) -> anyhow::R
                 headers.append(name, v.as_str());
             }
         }
-        headers.insert(header::MSG_ID, format!("replay-{seq}-{}", uuid::Uuid::now_v7()).as_str());
+        headers.insert(
+            header::MSG_ID,
+            format!("replay-{seq}-{}", uuid::Uuid::now_v7()).as_str(),
+        );
         js.publish_with_headers(subject.clone(), headers, msg.payload.clone())
             .await?
             .await

@@ -15,19 +15,44 @@ use saga_orchestrator::audit::{AuditDbs, AuditScope, audit};
 #[derive(Debug, Clone, clap::Args)]
 pub struct Endpoints {
     /// Orchestrator base URL.
-    #[arg(long = "orchestrator-url", env = "SAGACTL_ORCHESTRATOR_URL", default_value = "http://127.0.0.1:8080", global = true)]
+    #[arg(
+        long = "orchestrator-url",
+        env = "SAGACTL_ORCHESTRATOR_URL",
+        default_value = "http://127.0.0.1:8080",
+        global = true
+    )]
     pub orchestrator: String,
     /// Inventory base URL.
-    #[arg(long = "inventory-url", env = "SAGACTL_INVENTORY_URL", default_value = "http://127.0.0.1:8081", global = true)]
+    #[arg(
+        long = "inventory-url",
+        env = "SAGACTL_INVENTORY_URL",
+        default_value = "http://127.0.0.1:8081",
+        global = true
+    )]
     pub inventory: String,
     /// Payment base URL.
-    #[arg(long = "payment-url", env = "SAGACTL_PAYMENT_URL", default_value = "http://127.0.0.1:8082", global = true)]
+    #[arg(
+        long = "payment-url",
+        env = "SAGACTL_PAYMENT_URL",
+        default_value = "http://127.0.0.1:8082",
+        global = true
+    )]
     pub payment: String,
     /// Shipping base URL.
-    #[arg(long = "shipping-url", env = "SAGACTL_SHIPPING_URL", default_value = "http://127.0.0.1:8083", global = true)]
+    #[arg(
+        long = "shipping-url",
+        env = "SAGACTL_SHIPPING_URL",
+        default_value = "http://127.0.0.1:8083",
+        global = true
+    )]
     pub shipping: String,
     /// NATS URL.
-    #[arg(long = "nats-url", env = "NATS_URL", default_value = "nats://127.0.0.1:4222", global = true)]
+    #[arg(
+        long = "nats-url",
+        env = "NATS_URL",
+        default_value = "nats://127.0.0.1:4222",
+        global = true
+    )]
     pub nats_url: String,
 }
 
@@ -35,16 +60,40 @@ pub struct Endpoints {
 #[derive(Debug, Clone, clap::Args)]
 pub struct Databases {
     /// Orchestrator database.
-    #[arg(long, env = "ORCHESTRATOR_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/saga_orchestrator", global = true, hide_env_values = true)]
+    #[arg(
+        long,
+        env = "ORCHESTRATOR_DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/saga_orchestrator",
+        global = true,
+        hide_env_values = true
+    )]
     pub orchestrator_db: String,
     /// Inventory database.
-    #[arg(long, env = "INVENTORY_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/saga_inventory", global = true, hide_env_values = true)]
+    #[arg(
+        long,
+        env = "INVENTORY_DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/saga_inventory",
+        global = true,
+        hide_env_values = true
+    )]
     pub inventory_db: String,
     /// Payment database.
-    #[arg(long, env = "PAYMENT_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/saga_payment", global = true, hide_env_values = true)]
+    #[arg(
+        long,
+        env = "PAYMENT_DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/saga_payment",
+        global = true,
+        hide_env_values = true
+    )]
     pub payment_db: String,
     /// Shipping database.
-    #[arg(long, env = "SHIPPING_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/saga_shipping", global = true, hide_env_values = true)]
+    #[arg(
+        long,
+        env = "SHIPPING_DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/saga_shipping",
+        global = true,
+        hide_env_values = true
+    )]
     pub shipping_db: String,
 }
 
@@ -58,7 +107,12 @@ impl Databases {
                     .acquire_timeout(Duration::from_secs(3))
                     .connect(&url)
                     .await
-                    .with_context(|| format!("cannot connect to {}", saga_shared_events::config::redact_url(&url)))
+                    .with_context(|| {
+                        format!(
+                            "cannot connect to {}",
+                            saga_shared_events::config::redact_url(&url)
+                        )
+                    })
             }
         };
         Ok(AuditDbs {
@@ -151,9 +205,15 @@ async fn main() -> anyhow::Result<()> {
                     } else if letters.is_empty() {
                         println!("no dead letters");
                     } else {
-                        println!("{:>8}  {:<25}  {:>4}  {:<40}  error", "id", "at", "dlv", "subject");
+                        println!(
+                            "{:>8}  {:<25}  {:>4}  {:<40}  error",
+                            "id", "at", "dlv", "subject"
+                        );
                         for d in letters {
-                            println!("{:>8}  {:<25}  {:>4}  {:<40}  {}", d.id, d.at, d.deliveries, d.subject, d.error);
+                            println!(
+                                "{:>8}  {:<25}  {:>4}  {:<40}  {}",
+                                d.id, d.at, d.deliveries, d.subject, d.error
+                            );
                         }
                     }
                 }
@@ -168,7 +228,14 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Audit { settled, json } => {
             let dbs = cli.databases.connect().await?;
-            let report = audit(&dbs, &AuditScope { expect_settled: settled, ..Default::default() }).await?;
+            let report = audit(
+                &dbs,
+                &AuditScope {
+                    expect_settled: settled,
+                    ..Default::default()
+                },
+            )
+            .await?;
             if json {
                 println!("{}", serde_json::to_string(&report)?);
             } else {

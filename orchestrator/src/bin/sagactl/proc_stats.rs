@@ -19,10 +19,17 @@ const TICKS: f64 = 100.0;
 pub fn snapshot() -> BTreeMap<String, f64> {
     let mut out = BTreeMap::new();
     for (comm, stat) in processes() {
-        let Some(kind) = WATCHED.iter().find(|w| comm == **w) else { continue };
+        let Some(kind) = WATCHED.iter().find(|w| comm == **w) else {
+            continue;
+        };
         // Fields after the ")" of comm: state is index 0, utime 11, stime 12, cutime 13, cstime 14.
         let fields: Vec<&str> = stat.split_whitespace().collect();
-        let num = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        let num = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
         let mut ticks = num(11) + num(12);
         if *kind == "postgres" {
             ticks += num(13) + num(14);
@@ -33,25 +40,39 @@ pub fn snapshot() -> BTreeMap<String, f64> {
 }
 
 /// CPU seconds spent between two snapshots.
-pub fn diff(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>) -> BTreeMap<String, f64> {
+pub fn diff(
+    before: &BTreeMap<String, f64>,
+    after: &BTreeMap<String, f64>,
+) -> BTreeMap<String, f64> {
     after
         .iter()
-        .map(|(k, a)| (k.clone(), (a - before.get(k).copied().unwrap_or(0.0)).max(0.0)))
+        .map(|(k, a)| {
+            (
+                k.clone(),
+                (a - before.get(k).copied().unwrap_or(0.0)).max(0.0),
+            )
+        })
         .collect()
 }
 
 /// Resident memory per process kind, in MB.
 pub fn rss_mb() -> BTreeMap<String, f64> {
     let mut out = BTreeMap::new();
-    let Ok(dir) = std::fs::read_dir("/proc") else { return out };
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
     for entry in dir.flatten() {
         let path = entry.path();
-        let Ok(comm) = std::fs::read_to_string(path.join("comm")) else { continue };
+        let Ok(comm) = std::fs::read_to_string(path.join("comm")) else {
+            continue;
+        };
         let comm = comm.trim();
         if !WATCHED.contains(&comm) {
             continue;
         }
-        let Ok(status) = std::fs::read_to_string(path.join("status")) else { continue };
+        let Ok(status) = std::fs::read_to_string(path.join("status")) else {
+            continue;
+        };
         let kb: f64 = status
             .lines()
             .find(|l| l.starts_with("VmRSS:"))
@@ -66,10 +87,16 @@ pub fn rss_mb() -> BTreeMap<String, f64> {
 /// `(comm, stat fields after comm)` of every process.
 fn processes() -> Vec<(String, String)> {
     let mut out = Vec::new();
-    let Ok(dir) = std::fs::read_dir("/proc") else { return out };
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
     for entry in dir.flatten() {
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
-        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else { continue };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
         let comm = stat[open + 1..close].to_string();
         out.push((comm, stat[close + 1..].to_string()));
     }

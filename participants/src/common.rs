@@ -164,7 +164,26 @@ impl<D: Decide> Handler for CommandHandler<D> {
             tracing::debug!("duplicate command ignored");
             return Ok(());
         }
-        let reply = self.decide.decide(&mut tx, &env.body, &chaos).await?;
+        let span = tracing::info_span!(
+            "decide",
+            otel.name = %format!("{} {}", D::PARTICIPANT.as_str(), env.body.message_type()),
+            saga_id = %env.saga_id,
+            otel.status_code = tracing::field::Empty,
+            otel.status_description = tracing::field::Empty,
+        );
+        let reply = {
+            use tracing::Instrument;
+            self.decide
+                .decide(&mut tx, &env.body, &chaos)
+                .instrument(span.clone())
+                .await?
+        };
+        if let Body::InventoryRejected(r) | Body::PaymentDeclined(r) | Body::ShippingFailed(r) =
+            &reply
+        {
+            span.record("otel.status_code", "ERROR");
+            span.record("otel.status_description", r.reason.as_str());
+        }
         if chaos.error_rate > 0.0 && rand::random_bool(chaos.error_rate) {
             // Injected after the work, before commit: the rollback must leave no trace.
             return Err(HandlerError::Transient("chaos: injected failure".into()));
@@ -181,8 +200,15 @@ impl<D: Decide> Handler for CommandHandler<D> {
                 reply,
             )));
         }
-        outbox::enqueue(&mut tx, &replies).await?;
-        tx.commit().await?;
+        {
+            use tracing::Instrument;
+            async {
+                outbox::enqueue(&mut tx, &replies).await?;
+                tx.commit().await
+            }
+            .instrument(tracing::info_span!("commit", db.system = "postgresql"))
+            .await?;
+        }
         Ok(())
     }
 }

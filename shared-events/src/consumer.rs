@@ -126,6 +126,7 @@ async fn process<H: Handler>(
         otel.name = %format!("{subject} process"),
         otel.kind = "consumer",
         otel.status_code = tracing::field::Empty,
+        otel.status_description = tracing::field::Empty,
         messaging.system = "nats",
         messaging.destination.name = %subject,
         messaging.operation.type = "process",
@@ -133,8 +134,10 @@ async fn process<H: Handler>(
         messaging.consumer.group.name = %spec.durable,
         delivery = delivered,
         saga_id = %saga_id,
+        trace_id = tracing::field::Empty,
     );
     let _ = span.set_parent(propagation::context_from_headers(msg.headers.as_ref()));
+    crate::telemetry::record_trace_id(&span);
 
     let outcome = match Envelope::decode(&msg.payload) {
         Err(e) => Err(HandlerError::Permanent(e.to_string())),
@@ -154,6 +157,7 @@ async fn process<H: Handler>(
         Ok(()) => ack(&msg, AckKind::Ack).await,
         Err(HandlerError::Transient(e)) if delivered < spec.max_deliver => {
             span.record("otel.status_code", "ERROR");
+            span.record("otel.status_description", e.as_str());
             tracing::warn!(error = %e, delivery = delivered, "handler failed; will retry");
             ack(&msg, AckKind::Nak(Some(retry_delay(delivered)))).await;
         }
@@ -163,6 +167,7 @@ async fn process<H: Handler>(
                 HandlerError::Transient(e) => format!("gave up after {delivered} deliveries: {e}"),
                 HandlerError::Permanent(e) => e.clone(),
             };
+            span.record("otel.status_description", reason.as_str());
             tracing::error!(error = %reason, "dead-lettering message");
             match dead_letter(js, &msg, &spec.durable, &reason, delivered).await {
                 Ok(()) => ack(&msg, AckKind::Ack).await,

@@ -34,9 +34,26 @@ pub struct OutgoingMessage {
 }
 
 impl OutgoingMessage {
-    /// Wraps an envelope, capturing the current span's trace context.
+    /// Wraps an envelope under a producer span (a child of the current span), whose context
+    /// travels with the message. The span ends here, when the message is committed to be sent;
+    /// the relay's actual publish may come later, even after a restart.
     pub fn new(envelope: &Envelope) -> Self {
-        Self::with_trace(envelope, propagation::current_context_fields())
+        let subject = envelope.body.subject();
+        let span = tracing::info_span!(
+            "publish",
+            otel.name = %format!("{subject} publish"),
+            otel.kind = "producer",
+            messaging.system = "nats",
+            messaging.destination.name = %subject,
+            messaging.operation.type = "send",
+            messaging.message.id = %envelope.message_id,
+            saga_id = %envelope.saga_id,
+        );
+        let fields = {
+            use tracing_opentelemetry::OpenTelemetrySpanExt;
+            propagation::context_fields(&span.context())
+        };
+        Self::with_trace(envelope, fields)
     }
 
     /// Wraps an envelope with explicit trace propagation fields.

@@ -6,3 +6,4 @@ mod api;
 mod faults;
 mod flows;
 mod messaging;
+mod observability;

@@ -7,6 +7,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod otlp;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -375,8 +377,8 @@ impl Stack {
             .open(&svc.log)
             .unwrap();
         let child = Command::new(binary(svc.binary))
-            .envs(svc.env.iter().cloned())
             .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .envs(svc.env.iter().cloned())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .kill_on_drop(true)

@@ -333,6 +333,31 @@ impl SagaStore {
         event: &Event,
         causation_id: Option<Uuid>,
     ) -> Result<Applied, StoreError> {
+        use tracing::Instrument;
+        let span = tracing::info_span!(
+            "saga transition",
+            otel.name = %format!("saga {}", event.name()),
+            saga.id = %order_id,
+            order.id = %order_id,
+            saga.event = event.name(),
+            saga.state.from = tracing::field::Empty,
+            saga.state.to = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+            otel.status_description = tracing::field::Empty,
+            saga_id = %order_id,
+        );
+        self.transition(conn, order_id, event, causation_id)
+            .instrument(span)
+            .await
+    }
+
+    async fn transition(
+        &self,
+        conn: &mut PgConnection,
+        order_id: Uuid,
+        event: &Event,
+        causation_id: Option<Uuid>,
+    ) -> Result<Applied, StoreError> {
         let row: Option<SagaRow> = sqlx::query_as(
             "select state, status, version, customer_id, items, total_cents, \
              extract(epoch from clock_timestamp() - updated_at)::float8, \
@@ -357,6 +382,21 @@ impl SagaStore {
         };
         let (next, effects) = machine::apply(state.clone(), event, self.policy);
         let to = next.status();
+        let span = tracing::Span::current();
+        span.record("saga.state.from", from.as_str());
+        span.record("saga.state.to", to);
+        // A failed step or compensation marks the span as an error, with the reason.
+        for effect in &effects {
+            let failure = match effect {
+                Effect::SetReason(r, d) => Some(format!("{}: {d}", r.as_str())),
+                Effect::Finish(SagaEnd::Failed) => Some("compensation gave up".to_owned()),
+                _ => None,
+            };
+            if let Some(msg) = failure {
+                span.record("otel.status_code", "ERROR");
+                span.record("otel.status_description", msg.as_str());
+            }
+        }
         if next == state && effects.is_empty() {
             return Ok(Applied {
                 from: from.clone(),

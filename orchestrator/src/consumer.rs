@@ -59,9 +59,12 @@ impl Handler for ReplyHandler {
             .apply_locked(&mut tx, order_id, &event, Some(env.message_id))
             .await
         {
-            Ok(applied) => {
+            Ok(mut applied) => {
                 tx.commit().await?;
                 applied.record_metrics();
+                self.store
+                    .outbox()
+                    .publish_committed(std::mem::take(&mut applied.messages));
                 if !applied.changed {
                     tracing::debug!(saga_id = %order_id, event = event.name(), "late or duplicate reply ignored");
                 }

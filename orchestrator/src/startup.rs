@@ -39,6 +39,7 @@ impl Application {
             Runtime::connect("orchestrator", &settings.common, &MIGRATOR, shutdown).await?;
         let store = SagaStore::new(
             runtime.pool.clone(),
+            runtime.outbox.clone(),
             Policy {
                 step_max_attempts: settings.step_max_attempts,
                 compensation_max_attempts: settings.compensation_max_attempts,

@@ -16,7 +16,7 @@ use saga_shared_events::consumer::{self, Handler, HandlerError, Incoming};
 use saga_shared_events::contract::{Body, Envelope, Participant, STREAM_CMD};
 use saga_shared_events::http::{ApiJson, FieldError, Problem};
 use saga_shared_events::nats::ConsumerSpec;
-use saga_shared_events::outbox::{self, OutgoingMessage};
+use saga_shared_events::outbox::{Outbox, OutgoingMessage};
 use saga_shared_events::service::{Runtime, StartupError};
 use saga_shared_events::{inbox, telemetry};
 
@@ -142,6 +142,7 @@ pub trait Decide: Send + Sync + 'static {
 /// The consumer handler wrapping a participant's `Decide`.
 pub struct CommandHandler<D> {
     pool: sqlx::PgPool,
+    outbox: Outbox,
     decide: D,
     chaos: ChaosHandle,
 }
@@ -203,12 +204,13 @@ impl<D: Decide> Handler for CommandHandler<D> {
         {
             use tracing::Instrument;
             async {
-                outbox::enqueue(&mut tx, &replies).await?;
+                self.outbox.enqueue(&mut tx, &replies).await?;
                 tx.commit().await
             }
             .instrument(tracing::info_span!("commit", db.system = "postgresql"))
             .await?;
         }
+        self.outbox.publish_committed(replies);
         Ok(())
     }
 }
@@ -238,6 +240,7 @@ pub async fn run<D: Decide>(
     let chaos: ChaosHandle = Arc::new(RwLock::new(chaos));
     let handler = Arc::new(CommandHandler {
         pool: rt.pool.clone(),
+        outbox: rt.outbox.clone(),
         decide,
         chaos: chaos.clone(),
     });

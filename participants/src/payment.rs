@@ -67,22 +67,33 @@ async fn charge(
         == 1;
     if claimed {
         metrics::counter!("payments_total", "result" => status).increment(1);
+        return Ok(charge_reply(
+            c.order_id,
+            status,
+            c.amount_cents,
+            reason.map(str::to_owned),
+        ));
     }
     let (status, amount, reason): (String, i64, Option<String>) =
         sqlx::query_as("select status, amount_cents, reason from payment where order_id = $1")
             .bind(c.order_id)
             .fetch_one(&mut *conn)
             .await?;
-    Ok(match status.as_str() {
+    Ok(charge_reply(c.order_id, &status, amount, reason))
+}
+
+/// The reply a stored charge decision gives, every time it is asked.
+fn charge_reply(order_id: Uuid, status: &str, amount_cents: i64, reason: Option<String>) -> Body {
+    match status {
         "charged" | "refunded" => Body::PaymentCharged(Charged {
-            order_id: c.order_id,
-            amount_cents: amount,
+            order_id,
+            amount_cents,
         }),
         _ => Body::PaymentDeclined(Refusal {
-            order_id: c.order_id,
+            order_id,
             reason: reason.unwrap_or_else(|| "declined".into()),
         }),
-    })
+    }
 }
 
 async fn refund(conn: &mut PgConnection, order_id: Uuid) -> Result<Body, HandlerError> {

@@ -65,14 +65,15 @@ impl Decide for Shipping {
         .await?
         .rows_affected()
             == 1;
-        if claimed {
+        let (status, reason): (String, Option<String>) = if claimed {
             metrics::counter!("shipments_total", "result" => status).increment(1);
-        }
-        let (status, reason): (String, Option<String>) =
+            (status.to_owned(), reason.map(str::to_owned))
+        } else {
             sqlx::query_as("select status, reason from shipment where order_id = $1")
                 .bind(order_id)
                 .fetch_one(&mut *conn)
-                .await?;
+                .await?
+        };
         Ok(match status.as_str() {
             "shipped" => Body::Shipped(OrderRef { order_id }),
             _ => Body::ShippingFailed(Refusal {

@@ -33,6 +33,10 @@ pub struct CommonArgs {
     #[arg(long, env = "STREAM_REPLICAS", default_value_t = 1,
           value_parser = clap::value_parser!(u32).range(1..=5))]
     pub stream_replicas: u32,
+    /// Publish outgoing messages right after commit (the outbox relay stays the safety net).
+    /// `false` leaves every message to the relay.
+    #[arg(long, env = "OUTBOX_FAST_PATH", default_value_t = true, action = clap::ArgAction::Set)]
+    pub outbox_fast_path: bool,
 }
 
 impl CommonArgs {

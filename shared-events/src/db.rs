@@ -33,8 +33,15 @@ pub enum DbError {
 }
 
 /// Parses `url` into connect options (so secrets are never formatted back into strings).
+/// `sslmode` is honoured as given; without one, a loopback server is reached without TLS (it
+/// protects nothing there and costs CPU on both ends) and any other host with `prefer`.
 pub fn options(url: &str, application_name: &str) -> Result<PgConnectOptions, DbError> {
-    let opts = PgConnectOptions::from_str(url).map_err(DbError::InvalidUrl)?;
+    let mut opts = PgConnectOptions::from_str(url).map_err(DbError::InvalidUrl)?;
+    let loopback = matches!(opts.get_host(), "localhost" | "127.0.0.1" | "::1")
+        || opts.get_host().starts_with('/');
+    if loopback && !url.contains("sslmode=") {
+        opts = opts.ssl_mode(sqlx::postgres::PgSslMode::Disable);
+    }
     Ok(opts
         .application_name(application_name)
         .log_statements(tracing::log::LevelFilter::Trace))

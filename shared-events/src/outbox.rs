@@ -76,10 +76,160 @@ impl OutgoingMessage {
     }
 }
 
-/// Writes messages to the outbox inside the caller's transaction (one statement for all).
+/// How long a row written for the fast path waits before the relay may publish it: the writer
+/// publishes it itself right after commit, and the relay is the safety net after a crash.
+pub const FAST_PATH_GRACE: Duration = Duration::from_secs(2);
+
+/// The outbox of one service: writes rows in the caller's transaction, publishes them right after
+/// commit (the fast path), and deletes them once JetStream acknowledged them. A row whose fast
+/// publish never happened (crash, broker down) is published by the [`Relay`] later.
+#[derive(Clone)]
+pub struct Outbox {
+    js: JetStream,
+    acked: tokio::sync::mpsc::UnboundedSender<Uuid>,
+    tracker: tokio_util::task::TaskTracker,
+    fast_path: bool,
+}
+
+impl Outbox {
+    /// An outbox publishing on `js`; spawns the task that deletes acknowledged rows in batches.
+    /// With `fast_path` off, rows are left to the relay (woken by NOTIFY).
+    pub fn new(pool: PgPool, js: JetStream, fast_path: bool, shutdown: CancellationToken) -> Self {
+        let (acked, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(delete_acked(pool, rx, shutdown));
+        Outbox {
+            js,
+            acked,
+            tracker: tokio_util::task::TaskTracker::new(),
+            fast_path,
+        }
+    }
+
+    /// Writes `messages` in the caller's transaction.
+    pub async fn enqueue(
+        &self,
+        conn: &mut PgConnection,
+        messages: &[OutgoingMessage],
+    ) -> Result<(), sqlx::Error> {
+        let grace = if self.fast_path {
+            FAST_PATH_GRACE
+        } else {
+            Duration::ZERO
+        };
+        enqueue_due_in(conn, messages, grace).await
+    }
+
+    /// Publishes rows whose transaction has committed, in the background; each acknowledged row
+    /// is deleted. Failures are left to the relay.
+    pub fn publish_committed(&self, messages: Vec<OutgoingMessage>) {
+        if !self.fast_path || messages.is_empty() {
+            return;
+        }
+        let js = self.js.clone();
+        let acked = self.acked.clone();
+        self.tracker.spawn(async move {
+            let mut pending = Vec::with_capacity(messages.len());
+            for m in messages {
+                let mut headers = HeaderMap::new();
+                for (k, v) in &m.headers {
+                    headers.insert(k.as_str(), v.as_str());
+                }
+                match js
+                    .publish_with_headers(m.subject, headers, m.payload.into())
+                    .await
+                {
+                    Ok(ack) => pending.push((m.message_id, ack)),
+                    Err(e) => tracing::debug!(error = %e, "fast publish failed; relay will retry"),
+                }
+            }
+            for (id, ack) in pending {
+                match tokio::time::timeout(Duration::from_secs(5), ack).await {
+                    Ok(Ok(_)) => {
+                        let _ = acked.send(id);
+                    }
+                    _ => tracing::debug!("fast publish not acknowledged; relay will retry"),
+                }
+            }
+        });
+    }
+
+    /// Waits (bounded) for fast-path publishes in flight; used at shutdown.
+    pub async fn drain(&self, within: Duration) {
+        self.tracker.close();
+        let _ = tokio::time::timeout(within, self.tracker.wait()).await;
+    }
+}
+
+/// Deletes acknowledged rows in batches: one statement for everything acknowledged meanwhile.
+async fn delete_acked(
+    pool: PgPool,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<Uuid>,
+    shutdown: CancellationToken,
+) {
+    let mut batch = Vec::new();
+    loop {
+        let first = tokio::select! {
+            id = rx.recv() => id,
+            _ = shutdown.cancelled() => {
+                // Give in-flight publishes a moment, then flush what arrived.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                rx.try_recv().ok()
+            }
+        };
+        let Some(first) = first else { break };
+        batch.push(first);
+        while batch.len() < 1000 {
+            match rx.try_recv() {
+                Ok(id) => batch.push(id),
+                Err(_) => break,
+            }
+        }
+        let result = sqlx::query("delete from outbox where outbox_id = any($1)")
+            .bind(&batch)
+            .execute(&pool)
+            .await;
+        match result {
+            Ok(_) => {
+                metrics::counter!("outbox_published_total").increment(batch.len() as u64);
+                batch.clear();
+            }
+            // Keep the ids: the next round retries (the relay would republish, harmlessly).
+            Err(e) => {
+                tracing::warn!(error = %e, "deleting published outbox rows failed");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                if batch.len() > 100_000 {
+                    batch.clear();
+                }
+            }
+        }
+        if shutdown.is_cancelled() {
+            while let Ok(id) = rx.try_recv() {
+                batch.push(id);
+            }
+            if !batch.is_empty() {
+                let _ = sqlx::query("delete from outbox where outbox_id = any($1)")
+                    .bind(&batch)
+                    .execute(&pool)
+                    .await;
+            }
+            break;
+        }
+    }
+}
+
+/// Writes messages to the outbox inside the caller's transaction (one statement for all), due
+/// for the relay at once.
 pub async fn enqueue(
     conn: &mut PgConnection,
     messages: &[OutgoingMessage],
+) -> Result<(), sqlx::Error> {
+    enqueue_due_in(conn, messages, Duration::ZERO).await
+}
+
+async fn enqueue_due_in(
+    conn: &mut PgConnection,
+    messages: &[OutgoingMessage],
+    due_in: Duration,
 ) -> Result<(), sqlx::Error> {
     if messages.is_empty() {
         return Ok(());
@@ -92,14 +242,15 @@ pub async fn enqueue(
         .collect();
     let payloads: Vec<&[u8]> = messages.iter().map(|m| m.payload.as_slice()).collect();
     sqlx::query(
-        "insert into outbox (outbox_id, subject, headers, payload) \
-         select id, subject, headers::jsonb, payload \
+        "insert into outbox (outbox_id, subject, headers, payload, next_attempt_at) \
+         select id, subject, headers::jsonb, payload, now() + make_interval(secs => $5) \
          from unnest($1::uuid[], $2::text[], $3::text[], $4::bytea[]) as t(id, subject, headers, payload)",
     )
     .bind(&ids)
     .bind(&subjects)
     .bind(&headers)
     .bind(&payloads)
+    .bind(due_in.as_secs_f64())
     .execute(conn)
     .await?;
     Ok(())
@@ -146,7 +297,7 @@ impl Relay {
     pub async fn run(self, shutdown: CancellationToken) {
         let mut listener = self.listen().await;
         loop {
-            let published = match self.publish_batch().await {
+            let published = match self.publish_batch(false).await {
                 Ok(n) => n,
                 Err(e) => {
                     tracing::warn!(error = %e, "outbox relay batch failed");
@@ -168,7 +319,7 @@ impl Relay {
         // Flush on the way out so a graceful stop leaves nothing behind.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         while tokio::time::Instant::now() < deadline {
-            match self.publish_batch().await {
+            match self.publish_batch(true).await {
                 Ok(n) if n as i64 >= self.batch_size => continue,
                 _ => break,
             }
@@ -191,17 +342,23 @@ impl Relay {
         }
     }
 
-    /// Claims one batch, publishes it with pipelined PubAcks, deletes what was acknowledged and
-    /// pushes back what was not. Returns how many rows were published.
-    pub async fn publish_batch(&self) -> Result<usize, sqlx::Error> {
+    /// Claims one batch of due rows (every row when `flush`), publishes it with pipelined
+    /// PubAcks, deletes what was acknowledged and pushes back what was not. Returns how many rows
+    /// were published.
+    pub async fn publish_batch(&self, flush: bool) -> Result<usize, sqlx::Error> {
         let mut tx = self.pool.begin().await?;
-        let rows: Vec<Row> = sqlx::query_as(
+        // Two statements rather than one with `$2 or …`, so the due one can use its index.
+        let sql = if flush {
             "select outbox_id, subject, headers, payload from outbox \
-             where next_attempt_at <= now() order by created_at limit $1 for update skip locked",
-        )
-        .bind(self.batch_size)
-        .fetch_all(&mut *tx)
-        .await?;
+             order by created_at limit $1 for update skip locked"
+        } else {
+            "select outbox_id, subject, headers, payload from outbox \
+             where next_attempt_at <= now() order by next_attempt_at limit $1 for update skip locked"
+        };
+        let rows: Vec<Row> = sqlx::query_as(sql)
+            .bind(self.batch_size)
+            .fetch_all(&mut *tx)
+            .await?;
         if rows.is_empty() {
             return Ok(0);
         }

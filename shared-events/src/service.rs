@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{CommonArgs, redact_url};
 use crate::http::{ReadyCheck, install_metrics, not_found_fallback, ops_router, track_metrics};
-use crate::outbox::Relay;
+use crate::outbox::{Outbox, Relay};
 
 /// Why a service could not start.
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +49,8 @@ pub struct Runtime {
     pub shutdown: CancellationToken,
     /// The service name (logs, NATS client name).
     pub service: &'static str,
+    /// The service's outbox (fast path plus relay).
+    pub outbox: Outbox,
 }
 
 impl Runtime {
@@ -84,12 +86,19 @@ impl Runtime {
                 Err(e) => return Err(e.into()),
             }
         }
+        let outbox = Outbox::new(
+            pool.clone(),
+            js.clone(),
+            common.outbox_fast_path,
+            shutdown.clone(),
+        );
         Ok(Runtime {
             pool,
             nats,
             js,
             shutdown,
             service,
+            outbox,
         })
     }
 
@@ -157,6 +166,7 @@ impl Runtime {
         if drained.is_err() {
             tracing::warn!("background tasks did not stop in time");
         }
+        self.outbox.drain(Duration::from_secs(1)).await;
         if let Err(e) = self.nats.flush().await {
             tracing::warn!(error = %e, "NATS flush failed");
         }

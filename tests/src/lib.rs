@@ -315,7 +315,7 @@ impl Stack {
                 ("RUST_LOG".to_string(), "info".to_string()),
                 ("NO_COLOR".to_string(), "1".to_string()),
                 ("RUST_BACKTRACE".to_string(), "0".to_string()),
-                ("DB_POOL_SIZE".to_string(), "8".to_string()),
+                ("DB_POOL_SIZE".to_string(), "4".to_string()),
                 (
                     "STREAM_REPLICAS".to_string(),
                     if opts.nats_cluster { "3" } else { "1" }.to_string(),

@@ -10,7 +10,7 @@ use sqlx::types::Json;
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
-use saga_shared_events::outbox::{self, OutgoingMessage};
+use saga_shared_events::outbox::{Outbox, OutgoingMessage};
 use saga_shared_events::{
     Body, CancelReason, ChargePayment, Envelope, Line, OrderEvent, OrderRef, ReserveInventory,
     ShipOrder,
@@ -154,7 +154,7 @@ type SagaRow = (
 );
 
 /// What applying an event did.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Applied {
     /// Status before.
     pub from: String,
@@ -168,6 +168,8 @@ pub struct Applied {
     pub step_seconds: f64,
     /// Seconds since the saga was created.
     pub saga_seconds: f64,
+    /// Messages written to the outbox, to publish once the transaction committed.
+    pub messages: Vec<OutgoingMessage>,
 }
 
 impl Applied {
@@ -206,6 +208,7 @@ fn step_name(status: &str) -> &'static str {
 #[derive(Clone)]
 pub struct SagaStore {
     pool: PgPool,
+    outbox: Outbox,
     policy: Policy,
     timing: Timing,
     jaeger_ui_url: Option<String>,
@@ -215,12 +218,14 @@ impl SagaStore {
     /// A store over `pool`.
     pub fn new(
         pool: PgPool,
+        outbox: Outbox,
         policy: Policy,
         timing: Timing,
         jaeger_ui_url: Option<String>,
     ) -> Self {
         SagaStore {
             pool,
+            outbox,
             policy,
             timing,
             jaeger_ui_url,
@@ -230,6 +235,11 @@ impl SagaStore {
     /// The pool.
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+
+    /// The outbox, to publish an `Applied`'s messages after commit.
+    pub fn outbox(&self) -> &Outbox {
+        &self.outbox
     }
 
     /// Accepts an order and starts its saga in one transaction. With an idempotency key, a repeat
@@ -246,36 +256,23 @@ impl SagaStore {
             return Ok(Created::Replayed(existing));
         }
         let order_id = Uuid::now_v7();
+        let span = tracing::info_span!(
+            "saga transition",
+            otel.name = "saga start",
+            saga.id = %order_id,
+            order.id = %order_id,
+            saga.event = "start",
+            saga.state.from = "",
+            saga.state.to = "created",
+            saga_id = %order_id,
+        );
+        let _enter = span.enter();
         let trace = saga_shared_events::propagation::current_context_fields();
-        let mut tx = self.pool.begin().await?;
-        let state = State::Created { attempt: 0 };
-        let inserted = sqlx::query(
-            "insert into saga_order (order_id, customer_id, items, total_cents, state, status, \
-             trace_context, idempotency_key, request_fingerprint) \
-             values ($1, $2, $3, $4, $5, $6, $7, $8, $9) on conflict (idempotency_key) do nothing",
-        )
-        .bind(order_id)
-        .bind(&order.customer_id)
-        .bind(Json(&order.items))
-        .bind(order.total_cents())
-        .bind(Json(&state))
-        .bind(state.status())
-        .bind(Json(&trace))
-        .bind(idempotency_key)
-        .bind(&fingerprint)
-        .execute(&mut *tx)
-        .await?;
-        if inserted.rows_affected() == 0 {
-            // A concurrent request with the same key won the race.
-            tx.rollback().await?;
-            let key = idempotency_key.unwrap_or_default();
-            return match self.find_by_key(key, &fingerprint).await? {
-                Some(v) => Ok(Created::Replayed(v)),
-                None => Err(StoreError::Conflict("idempotency key race".into())),
-            };
-        }
-        insert_transition(&mut tx, order_id, None, state.status(), "order_created").await?;
-        let created = Envelope::new(
+        // The first step is decided before the row exists, so the saga is written once.
+        let (state, effects) =
+            machine::apply(State::Created { attempt: 0 }, &Event::Start, self.policy);
+        let total = order.total_cents();
+        let mut messages = vec![OutgoingMessage::new(&Envelope::new(
             order_id,
             None,
             Body::OrderCreated(OrderEvent {
@@ -283,15 +280,76 @@ impl SagaStore {
                 status: state.status().into(),
                 cancel_reason: None,
                 cancel_detail: None,
-                total_cents: order.total_cents(),
+                total_cents: total,
             }),
-        );
-        outbox::enqueue(&mut tx, &[OutgoingMessage::new(&created)]).await?;
-        self.apply_locked(&mut tx, order_id, &Event::Start, None)
-            .await?;
+        ))];
+        let mut deadline = self.timing.deadline_after(0, false);
+        for effect in &effects {
+            match effect {
+                Effect::Send(step) => messages.push(OutgoingMessage::new(&Envelope::new(
+                    order_id,
+                    None,
+                    command(*step, order_id, &order.customer_id, &order.items, total),
+                ))),
+                Effect::ArmDeadline {
+                    attempt,
+                    compensating,
+                } => deadline = self.timing.deadline_after(*attempt, *compensating),
+                _ => {}
+            }
+        }
+        drop(_enter);
+        let mut tx = self.pool.begin().await?;
+        let inserted: Option<(DateTime<Utc>,)> = sqlx::query_as(
+            "insert into saga_order (order_id, customer_id, items, total_cents, state, status, \
+             trace_context, idempotency_key, request_fingerprint, deadline_at) \
+             values ($1, $2, $3, $4, $5, $6, $7, $8, $9, now() + make_interval(secs => $10)) \
+             on conflict (idempotency_key) do nothing returning created_at",
+        )
+        .bind(order_id)
+        .bind(&order.customer_id)
+        .bind(Json(&order.items))
+        .bind(total)
+        .bind(Json(&state))
+        .bind(state.status())
+        .bind(Json(&trace))
+        .bind(idempotency_key)
+        .bind(&fingerprint)
+        .bind(deadline.as_secs_f64())
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((created_at,)) = inserted else {
+            // A concurrent request with the same key won the race.
+            tx.rollback().await?;
+            let key = idempotency_key.unwrap_or_default();
+            return match self.find_by_key(key, &fingerprint).await? {
+                Some(v) => Ok(Created::Replayed(v)),
+                None => Err(StoreError::Conflict("idempotency key race".into())),
+            };
+        };
+        insert_transition(&mut tx, order_id, None, state.status(), "order_created").await?;
+        self.outbox.enqueue(&mut tx, &messages).await?;
         tx.commit().await?;
+        self.outbox.publish_committed(messages);
         metrics::counter!("sagas_started_total").increment(1);
-        let view = self.get(order_id).await?;
+        let mut view = self.view((
+            order_id,
+            order.customer_id.clone(),
+            Json(order.items.clone()),
+            total,
+            state.status().to_owned(),
+            None,
+            None,
+            created_at,
+            created_at,
+            Json(trace),
+        ));
+        view.history = vec![Transition {
+            from: None,
+            to: state.status().to_owned(),
+            event: "order_created".into(),
+            at: created_at,
+        }];
         Ok(Created::New(view))
     }
 
@@ -318,9 +376,11 @@ impl SagaStore {
     /// Feeds `event` to the saga in its own transaction.
     pub async fn apply(&self, order_id: Uuid, event: &Event) -> Result<Applied, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let applied = self.apply_locked(&mut tx, order_id, event, None).await?;
+        let mut applied = self.apply_locked(&mut tx, order_id, event, None).await?;
         tx.commit().await?;
         applied.record_metrics();
+        self.outbox
+            .publish_committed(std::mem::take(&mut applied.messages));
         Ok(applied)
     }
 
@@ -405,6 +465,7 @@ impl SagaStore {
                 changed: false,
                 step_seconds,
                 saga_seconds,
+                messages: Vec::new(),
             });
         }
 
@@ -432,13 +493,18 @@ impl SagaStore {
             }
         }
         let deadline_ms: Option<i64> = deadline.flatten().map(|d| d.as_millis() as i64);
-        let updated = sqlx::query(
-            "update saga_order set state = $3, status = $4, version = version + 1, \
-             deadline_at = case when $5 then now() + make_interval(secs => $6::float8 / 1000) \
-                                when $7 then null else deadline_at end, \
-             cancel_reason = coalesce($8, cancel_reason), \
-             cancel_detail = coalesce($9, cancel_detail), updated_at = now() \
-             where order_id = $1 and version = $2",
+        // State, version, deadline, reason and the history row in one round trip; the stored
+        // reason comes back for the terminal order event.
+        let updated: Option<(Option<String>, Option<String>)> = sqlx::query_as(
+            "with u as (update saga_order set state = $3, status = $4, version = version + 1, \
+               deadline_at = case when $5 then now() + make_interval(secs => $6::float8 / 1000) \
+                                  when $7 then null else deadline_at end, \
+               cancel_reason = coalesce($8, cancel_reason), \
+               cancel_detail = coalesce($9, cancel_detail), updated_at = now() \
+               where order_id = $1 and version = $2 returning order_id, cancel_reason, cancel_detail), \
+             t as (insert into saga_transition (order_id, from_status, to_status, event) \
+               select order_id, $10, $4, $11 from u where $10 <> $4) \
+             select cancel_reason, cancel_detail from u",
         )
         .bind(order_id)
         .bind(version)
@@ -449,27 +515,24 @@ impl SagaStore {
         .bind(matches!(deadline, Some(None)))
         .bind(reason.as_ref().map(|(r, _)| r.as_str()))
         .bind(reason.as_ref().map(|(_, d)| d.as_str()))
-        .execute(&mut *conn)
+        .bind(from.as_str())
+        .bind(event.name())
+        .fetch_optional(&mut *conn)
         .await?;
-        if updated.rows_affected() != 1 {
+        let Some((stored_reason, stored_detail)) = updated else {
             return Err(StoreError::Conflict(format!(
                 "saga {order_id} changed concurrently"
             )));
-        }
+        };
         if from != to {
-            insert_transition(conn, order_id, Some(&from), to, event.name()).await?;
-            tracing::info!(saga_id = %order_id, from = %from, to, event = event.name(), "saga transition");
+            tracing::debug!(saga_id = %order_id, from = %from, to, event = event.name(), "saga transition");
         }
         if let Some(end) = finished {
-            let (r, d) = match &reason {
-                Some((r, d)) => (Some(*r), Some(d.clone())),
-                None => stored_reason(&mut *conn, order_id).await?,
-            };
             let ev = OrderEvent {
                 order_id,
                 status: to.into(),
-                cancel_reason: r,
-                cancel_detail: d,
+                cancel_reason: stored_reason.as_deref().and_then(CancelReason::parse),
+                cancel_detail: stored_detail,
                 total_cents,
             };
             let body = match end {
@@ -482,8 +545,9 @@ impl SagaStore {
                 causation_id,
                 body,
             )));
+            tracing::info!(saga_id = %order_id, status = to, reason = ?stored_reason, "saga ended");
         }
-        outbox::enqueue(conn, &messages).await?;
+        self.outbox.enqueue(conn, &messages).await?;
         Ok(Applied {
             from,
             to: to.into(),
@@ -491,6 +555,7 @@ impl SagaStore {
             changed: true,
             step_seconds,
             saga_seconds,
+            messages,
         })
     }
 
@@ -580,9 +645,11 @@ impl SagaStore {
         if let Some(why) = refuse(&state) {
             return Err(StoreError::Conflict(why));
         }
-        let applied = self.apply_locked(&mut tx, order_id, &event, None).await?;
+        let mut applied = self.apply_locked(&mut tx, order_id, &event, None).await?;
         tx.commit().await?;
         applied.record_metrics();
+        self.outbox
+            .publish_committed(std::mem::take(&mut applied.messages));
         Ok(applied)
     }
 
@@ -610,7 +677,10 @@ impl SagaStore {
             );
         }
         tx.commit().await?;
-        applied.iter().for_each(Applied::record_metrics);
+        for a in applied {
+            a.record_metrics();
+            self.outbox.publish_committed(a.messages);
+        }
         Ok(due.len())
     }
 
@@ -687,18 +757,6 @@ async fn insert_transition(
     .execute(conn)
     .await?;
     Ok(())
-}
-
-async fn stored_reason(
-    conn: &mut PgConnection,
-    order_id: Uuid,
-) -> Result<(Option<CancelReason>, Option<String>), sqlx::Error> {
-    let (r, d): (Option<String>, Option<String>) =
-        sqlx::query_as("select cancel_reason, cancel_detail from saga_order where order_id = $1")
-            .bind(order_id)
-            .fetch_one(conn)
-            .await?;
-    Ok((r.as_deref().and_then(CancelReason::parse), d))
 }
 
 /// The command a step sends, built from the order.

@@ -1,0 +1,1 @@
+../messaging/0003_outbox_fast_path.sql

@@ -7,6 +7,18 @@ use saga_shared_events::inbox;
 use crate::saga::machine::Event;
 use crate::saga::store::{SagaStore, StoreError};
 
+fn valid_event(env: &saga_shared_events::Envelope) -> Option<Event> {
+    event_of(&env.body).filter(|_| env.body.order_id() == env.saga_id)
+}
+
+fn invalid(env: &saga_shared_events::Envelope) -> HandlerError {
+    if event_of(&env.body).is_none() {
+        HandlerError::Permanent(format!("{} is not a reply", env.body.message_type()))
+    } else {
+        HandlerError::Permanent("payload order_id differs from saga_id".into())
+    }
+}
+
 /// Handles `saga.reply.>`.
 pub struct ReplyHandler {
     /// The saga store.
@@ -35,6 +47,79 @@ pub fn event_of(body: &Body) -> Option<Event> {
 }
 
 impl Handler for ReplyHandler {
+    /// Replies for different sagas in one transaction, locked in saga-id order (so concurrent
+    /// batches cannot deadlock); if anything fails, each reply is retried on its own.
+    async fn handle_batch(&self, mut msgs: Vec<Incoming>) -> Vec<Result<(), HandlerError>> {
+        use tracing::Instrument;
+        let mut order: Vec<usize> = (0..msgs.len()).collect();
+        order.sort_by_key(|i| msgs[*i].envelope.saga_id);
+        let mut outcomes: Vec<Result<(), HandlerError>> = msgs.iter().map(|_| Ok(())).collect();
+        let mut applied = Vec::new();
+        let batch: Result<(), StoreError> = async {
+            let mut tx = self.store.pool().begin().await?;
+            for &i in &order {
+                let env = &msgs[i].envelope;
+                let Some(event) = valid_event(env) else {
+                    outcomes[i] = Err(invalid(env));
+                    continue;
+                };
+                let span = msgs[i].span.clone();
+                let done = async {
+                    if !inbox::record(&mut tx, env.message_id).await? {
+                        return Ok(None);
+                    }
+                    self.store
+                        .apply_locked(&mut tx, env.saga_id, &event, Some(env.message_id))
+                        .await
+                        .map(Some)
+                }
+                .instrument(span)
+                .await;
+                match done {
+                    Ok(a) => applied.extend(a),
+                    Err(StoreError::NotFound(id)) => {
+                        // Undo its inbox entry (a replay must not look like a duplicate); the
+                        // rest of the batch goes on.
+                        sqlx::query("delete from processed_message where message_id = $1")
+                            .bind(env.message_id)
+                            .execute(&mut *tx)
+                            .await?;
+                        outcomes[i] = Err(HandlerError::Permanent(format!("no saga {id}")));
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            tx.commit().await?;
+            Ok(())
+        }
+        .instrument(tracing::info_span!(
+            "commit batch",
+            db.system = "postgresql",
+            messages = msgs.len()
+        ))
+        .await;
+        match batch {
+            Ok(()) => {
+                for mut a in applied {
+                    a.record_metrics();
+                    self.store
+                        .outbox()
+                        .publish_committed(std::mem::take(&mut a.messages));
+                }
+                outcomes
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "batch failed; handling its replies one by one");
+                let mut out = Vec::with_capacity(msgs.len());
+                for m in msgs.drain(..) {
+                    let span = m.span.clone();
+                    out.push(self.handle(m).instrument(span).await);
+                }
+                out
+            }
+        }
+    }
+
     async fn handle(&self, msg: Incoming) -> Result<(), HandlerError> {
         let env = &msg.envelope;
         let Some(event) = event_of(&env.body) else {

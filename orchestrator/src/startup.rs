@@ -67,6 +67,7 @@ impl Application {
             max_deliver: 10,
             ack_wait: Duration::from_secs(10),
             concurrency: self.settings.common.consumer_concurrency as usize,
+            batch_size: self.settings.common.consumer_batch as usize,
         };
         let handler = Arc::new(ReplyHandler {
             store: self.store.clone(),

@@ -129,6 +129,10 @@ pub trait Decide: Send + Sync + 'static {
     /// Which participant this is.
     const PARTICIPANT: Participant;
 
+    /// Whether several commands may share one transaction (only when their rows never overlap
+    /// across orders).
+    const BATCHES: bool = true;
+
     /// Applies `command` (idempotently: a repeat returns the stored decision) and returns the
     /// reply to send.
     fn decide(
@@ -147,7 +151,127 @@ pub struct CommandHandler<D> {
     chaos: ChaosHandle,
 }
 
+impl<D: Decide> CommandHandler<D> {
+    /// Does one command's work inside `tx`; returns its replies, or `None` for a duplicate.
+    async fn work(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        env: &Envelope,
+        chaos: &Chaos,
+    ) -> Result<Option<Vec<OutgoingMessage>>, HandlerError> {
+        if env.body.order_id() != env.saga_id {
+            return Err(HandlerError::Permanent(
+                "payload order_id differs from saga_id".into(),
+            ));
+        }
+        if !inbox::record(tx, env.message_id).await? {
+            return Ok(None);
+        }
+        let span = tracing::info_span!(
+            "decide",
+            otel.name = %format!("{} {}", D::PARTICIPANT.as_str(), env.body.message_type()),
+            saga_id = %env.saga_id,
+            otel.status_code = tracing::field::Empty,
+            otel.status_description = tracing::field::Empty,
+        );
+        let reply = {
+            use tracing::Instrument;
+            self.decide
+                .decide(tx, &env.body, chaos)
+                .instrument(span.clone())
+                .await?
+        };
+        if let Body::InventoryRejected(r) | Body::PaymentDeclined(r) | Body::ShippingFailed(r) =
+            &reply
+        {
+            span.record("otel.status_code", "ERROR");
+            span.record("otel.status_description", r.reason.as_str());
+        }
+        let mut replies = vec![OutgoingMessage::new(&Envelope::new(
+            env.saga_id,
+            Some(env.message_id),
+            reply.clone(),
+        ))];
+        if chaos.duplicate_rate > 0.0 && rand::random_bool(chaos.duplicate_rate) {
+            replies.push(OutgoingMessage::new(&Envelope::new(
+                env.saga_id,
+                Some(env.message_id),
+                reply,
+            )));
+        }
+        self.outbox.enqueue(tx, &replies).await?;
+        Ok(Some(replies))
+    }
+}
+
 impl<D: Decide> Handler for CommandHandler<D> {
+    /// Commands of different orders in one transaction, in order-id order; if anything fails,
+    /// each command is retried on its own so one bad message cannot hold back the others.
+    async fn handle_batch(&self, mut msgs: Vec<Incoming>) -> Vec<Result<(), HandlerError>> {
+        use tracing::Instrument;
+        let chaos = current(&self.chaos);
+        if chaos.latency_ms > 0 {
+            let ms = chaos.latency_ms + rand::random_range(0..=chaos.latency_ms);
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
+        let mut order: Vec<usize> = (0..msgs.len()).collect();
+        order.sort_by_key(|i| msgs[*i].envelope.saga_id);
+        let mut outcomes: Vec<Option<Result<(), HandlerError>>> =
+            msgs.iter().map(|_| None).collect();
+        let mut all_replies = Vec::new();
+        let batch: Result<(), HandlerError> = async {
+            let mut tx = self.pool.begin().await?;
+            for &i in &order {
+                // Injected before the work here, so the rest of the batch goes on.
+                if chaos.error_rate > 0.0 && rand::random_bool(chaos.error_rate) {
+                    outcomes[i] = Some(Err(HandlerError::Transient(
+                        "chaos: injected failure".into(),
+                    )));
+                    continue;
+                }
+                let m = &msgs[i];
+                match self
+                    .work(&mut tx, &m.envelope, &chaos)
+                    .instrument(m.span.clone())
+                    .await
+                {
+                    Ok(replies) => {
+                        all_replies.extend(replies.unwrap_or_default());
+                        outcomes[i] = Some(Ok(()));
+                    }
+                    Err(HandlerError::Permanent(e)) if !is_db_error(&e) => {
+                        // Decided before touching the database (validation): keep going.
+                        outcomes[i] = Some(Err(HandlerError::Permanent(e)));
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            tx.commit().await?;
+            Ok(())
+        }
+        .instrument(tracing::info_span!(
+            "commit batch",
+            db.system = "postgresql",
+            messages = msgs.len()
+        ))
+        .await;
+        match batch {
+            Ok(()) => {
+                self.outbox.publish_committed(all_replies);
+                outcomes.into_iter().map(|o| o.unwrap_or(Ok(()))).collect()
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "batch failed; handling its messages one by one");
+                let mut out = Vec::with_capacity(msgs.len());
+                for m in msgs.drain(..) {
+                    let span = m.span.clone();
+                    out.push(self.handle(m).instrument(span).await);
+                }
+                out
+            }
+        }
+    }
+
     async fn handle(&self, msg: Incoming) -> Result<(), HandlerError> {
         let chaos = current(&self.chaos);
         if chaos.latency_ms > 0 {
@@ -215,6 +339,10 @@ impl<D: Decide> Handler for CommandHandler<D> {
     }
 }
 
+fn is_db_error(e: &str) -> bool {
+    e.starts_with("database")
+}
+
 /// Refuses a command meant for another participant (the subject filter should make it
 /// impossible; a hand-made message may not).
 pub fn wrong_command(participant: Participant, body: &Body) -> HandlerError {
@@ -251,6 +379,12 @@ pub async fn run<D: Decide>(
         max_deliver: 10,
         ack_wait: Duration::from_secs(10),
         concurrency: common.consumer_concurrency as usize,
+        // Inventory locks shared product rows: batching its commands would invite deadlocks.
+        batch_size: if D::BATCHES {
+            common.consumer_batch as usize
+        } else {
+            1
+        },
     };
     let js = rt.js.clone();
     let stop = rt.shutdown.clone();

@@ -24,6 +24,7 @@ pub struct Inventory;
 
 impl Decide for Inventory {
     const PARTICIPANT: Participant = Participant::Inventory;
+    const BATCHES: bool = false;
 
     async fn decide(
         &self,

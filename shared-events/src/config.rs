@@ -26,9 +26,14 @@ pub struct CommonArgs {
           value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub db_pool_size: u32,
     /// Messages this process handles at once.
-    #[arg(long, env = "CONSUMER_CONCURRENCY", default_value_t = 32,
+    #[arg(long, env = "CONSUMER_CONCURRENCY", default_value_t = 64,
           value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub consumer_concurrency: u32,
+    /// Messages that were ready together and are handled in one transaction (group commit);
+    /// 1 turns batching off.
+    #[arg(long, env = "CONSUMER_BATCH", default_value_t = 16,
+          value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub consumer_batch: u32,
     /// Copies of each JetStream stream (3 on a three-node cluster).
     #[arg(long, env = "STREAM_REPLICAS", default_value_t = 1,
           value_parser = clap::value_parser!(u32).range(1..=5))]

@@ -43,12 +43,31 @@ pub struct Incoming {
     pub subject: String,
     /// 1 on first delivery.
     pub delivered: i64,
+    /// The consumer span of this message (batch handlers run each message's work inside it).
+    pub span: tracing::Span,
 }
 
 /// A service's message handler. Runs inside a span that continues the sender's trace.
 pub trait Handler: Send + Sync + 'static {
     /// Handles one message; `Ok` acknowledges it.
     fn handle(&self, msg: Incoming) -> impl Future<Output = Result<(), HandlerError>> + Send;
+
+    /// Handles the messages that were ready together, returning one outcome per message in
+    /// order. Handlers override this to commit them in one transaction (group commit); by
+    /// default they are handled one by one.
+    fn handle_batch(
+        &self,
+        msgs: Vec<Incoming>,
+    ) -> impl Future<Output = Vec<Result<(), HandlerError>>> + Send {
+        async move {
+            let mut out = Vec::with_capacity(msgs.len());
+            for m in msgs {
+                let span = m.span.clone();
+                out.push(self.handle(m).instrument(span).await);
+            }
+            out
+        }
+    }
 }
 
 /// Pulls from the durable consumer described by `spec` until `shutdown`, then lets the handlers
@@ -79,17 +98,29 @@ pub async fn run<H: Handler>(
                 }
             }
         };
+        // Whatever is ready, up to a batch, goes to the handler together (one transaction in
+        // handlers that batch); several batches run at once.
+        let batch = spec.batch_size.max(1);
+        let parallel = spec.concurrency.max(1).div_ceil(batch);
         messages
             .take_until(shutdown.cancelled())
-            .for_each_concurrent(spec.concurrency.max(1), |item| {
+            .ready_chunks(batch)
+            .for_each_concurrent(parallel, |items| {
                 let js = js.clone();
                 let spec = spec.clone();
                 let handler = handler.clone();
                 async move {
-                    match item {
-                        Ok(msg) => process(&js, &spec, handler.as_ref(), msg).await,
-                        Err(e) => tracing::debug!(error = %e, "pull stream error"),
-                    }
+                    let msgs: Vec<jetstream::Message> = items
+                        .into_iter()
+                        .filter_map(|item| match item {
+                            Ok(msg) => Some(msg),
+                            Err(e) => {
+                                tracing::debug!(error = %e, "pull stream error");
+                                None
+                            }
+                        })
+                        .collect();
+                    process(&js, &spec, handler.as_ref(), msgs).await
                 }
             })
             .await;
@@ -97,30 +128,28 @@ pub async fn run<H: Handler>(
     Ok(())
 }
 
-async fn process<H: Handler>(
-    js: &jetstream::Context,
-    spec: &ConsumerSpec,
-    handler: &H,
+/// A delivered message with its decoded envelope (or why it could not be decoded) and span.
+struct Delivery {
     msg: jetstream::Message,
-) {
+    delivered: i64,
+    span: tracing::Span,
+    decoded: Result<Envelope, HandlerError>,
+}
+
+fn prepare(spec: &ConsumerSpec, msg: jetstream::Message) -> Delivery {
     let delivered = msg.info().map(|i| i.delivered).unwrap_or(1);
     if delivered > 1 {
         metrics::counter!("messages_redelivered_total", "consumer" => spec.durable.clone())
             .increment(1);
     }
     let subject = msg.subject.to_string();
-    let saga_id = msg
-        .headers
-        .as_ref()
-        .and_then(|h| h.get(header::SAGA_ID))
-        .map(|v| v.as_str().to_owned())
-        .unwrap_or_default();
-    let msg_id = msg
-        .headers
-        .as_ref()
-        .and_then(|h| h.get(header::MSG_ID))
-        .map(|v| v.as_str().to_owned())
-        .unwrap_or_default();
+    let header = |name: &str| {
+        msg.headers
+            .as_ref()
+            .and_then(|h| h.get(name))
+            .map(|v| v.as_str().to_owned())
+            .unwrap_or_default()
+    };
     let span = tracing::info_span!(
         "process",
         otel.name = %format!("{subject} process"),
@@ -130,36 +159,90 @@ async fn process<H: Handler>(
         messaging.system = "nats",
         messaging.destination.name = %subject,
         messaging.operation.type = "process",
-        messaging.message.id = %msg_id,
+        messaging.message.id = %header(header::MSG_ID),
         messaging.consumer.group.name = %spec.durable,
         delivery = delivered,
-        saga_id = %saga_id,
+        saga_id = %header(header::SAGA_ID),
         trace_id = tracing::field::Empty,
     );
     let _ = span.set_parent(propagation::context_from_headers(msg.headers.as_ref()));
     crate::telemetry::record_trace_id(&span);
+    let decoded =
+        Envelope::decode(&msg.payload).map_err(|e| HandlerError::Permanent(e.to_string()));
+    Delivery {
+        msg,
+        delivered,
+        span,
+        decoded,
+    }
+}
 
-    let outcome = match Envelope::decode(&msg.payload) {
-        Err(e) => Err(HandlerError::Permanent(e.to_string())),
-        Ok(envelope) => {
-            handler
-                .handle(Incoming {
-                    envelope,
-                    subject: subject.clone(),
-                    delivered,
-                })
-                .instrument(span.clone())
-                .await
+async fn process<H: Handler>(
+    js: &jetstream::Context,
+    spec: &ConsumerSpec,
+    handler: &H,
+    msgs: Vec<jetstream::Message>,
+) {
+    let mut deliveries: Vec<Delivery> = msgs.into_iter().map(|m| prepare(spec, m)).collect();
+    let mut incoming = Vec::new();
+    let mut index = Vec::new();
+    for (i, d) in deliveries.iter_mut().enumerate() {
+        if let Ok(envelope) = &d.decoded {
+            incoming.push(Incoming {
+                envelope: envelope.clone(),
+                subject: d.msg.subject.to_string(),
+                delivered: d.delivered,
+                span: d.span.clone(),
+            });
+            index.push(i);
         }
+    }
+    let mut outcomes: Vec<Result<(), HandlerError>> = deliveries
+        .iter_mut()
+        .map(|d| match &d.decoded {
+            Ok(_) => Ok(()),
+            Err(HandlerError::Permanent(e)) => Err(HandlerError::Permanent(e.clone())),
+            Err(HandlerError::Transient(e)) => Err(HandlerError::Transient(e.clone())),
+        })
+        .collect();
+    let results = match incoming.len() {
+        0 => Vec::new(),
+        1 => {
+            let one = incoming.pop().into_iter().next();
+            match one {
+                Some(m) => {
+                    let span = m.span.clone();
+                    vec![handler.handle(m).instrument(span).await]
+                }
+                None => Vec::new(),
+            }
+        }
+        _ => handler.handle_batch(incoming).await,
     };
+    for (i, r) in index.into_iter().zip(results) {
+        outcomes[i] = r;
+    }
+    for (d, outcome) in deliveries.into_iter().zip(outcomes) {
+        settle(js, spec, &d.msg, d.delivered, &d.span, outcome).await;
+    }
+}
+
+async fn settle(
+    js: &jetstream::Context,
+    spec: &ConsumerSpec,
+    msg: &jetstream::Message,
+    delivered: i64,
+    span: &tracing::Span,
+    outcome: Result<(), HandlerError>,
+) {
     let _enter = span.enter();
     match outcome {
-        Ok(()) => ack(&msg, AckKind::Ack).await,
+        Ok(()) => ack(msg, AckKind::Ack).await,
         Err(HandlerError::Transient(e)) if delivered < spec.max_deliver => {
             span.record("otel.status_code", "ERROR");
             span.record("otel.status_description", e.as_str());
             tracing::warn!(error = %e, delivery = delivered, "handler failed; will retry");
-            ack(&msg, AckKind::Nak(Some(retry_delay(delivered)))).await;
+            ack(msg, AckKind::Nak(Some(retry_delay(delivered)))).await;
         }
         Err(e) => {
             span.record("otel.status_code", "ERROR");
@@ -169,11 +252,11 @@ async fn process<H: Handler>(
             };
             span.record("otel.status_description", reason.as_str());
             tracing::error!(error = %reason, "dead-lettering message");
-            match dead_letter(js, &msg, &spec.durable, &reason, delivered).await {
-                Ok(()) => ack(&msg, AckKind::Ack).await,
+            match dead_letter(js, msg, &spec.durable, &reason, delivered).await {
+                Ok(()) => ack(msg, AckKind::Ack).await,
                 Err(e) => {
                     tracing::error!(error = %e, "cannot dead-letter; will retry");
-                    ack(&msg, AckKind::Nak(Some(Duration::from_secs(1)))).await;
+                    ack(msg, AckKind::Nak(Some(Duration::from_secs(1)))).await;
                 }
             }
         }

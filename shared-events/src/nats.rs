@@ -169,6 +169,8 @@ pub struct ConsumerSpec {
     pub ack_wait: Duration,
     /// Messages a replica handles at once.
     pub concurrency: usize,
+    /// Messages handed to the handler together (1 turns batching off).
+    pub batch_size: usize,
 }
 
 impl ConsumerSpec {

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::PgConnection;
 use tokio_util::sync::CancellationToken;
 
+use saga_shared_events::auth::{Admin, Authorized};
 use saga_shared_events::config::{CommonArgs, parse_rate};
 use saga_shared_events::consumer::{self, Handler, HandlerError, Incoming};
 use saga_shared_events::contract::{Body, Envelope, Participant, STREAM_CMD};
@@ -108,11 +109,12 @@ pub fn chaos_router(chaos: ChaosHandle) -> Router {
         .with_state(chaos)
 }
 
-async fn get_chaos(State(chaos): State<ChaosHandle>) -> Json<Chaos> {
+async fn get_chaos(_auth: Authorized<Admin>, State(chaos): State<ChaosHandle>) -> Json<Chaos> {
     Json(current(&chaos))
 }
 
 async fn put_chaos(
+    _auth: Authorized<Admin>,
     State(chaos): State<ChaosHandle>,
     ApiJson(new): ApiJson<Chaos>,
 ) -> Result<Json<Chaos>, Problem> {

@@ -10,6 +10,7 @@ use sqlx::types::Json as SqlJson;
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
+use saga_shared_events::auth::{Admin, Authorized, Read};
 use saga_shared_events::consumer::HandlerError;
 use saga_shared_events::contract::{Body, Line, OrderRef, Participant, Refusal};
 use saga_shared_events::http::{ApiJson, FieldError, Problem};
@@ -197,6 +198,7 @@ pub fn router(pool: PgPool) -> Router {
 }
 
 async fn get_product(
+    _auth: Authorized<Read>,
     State(pool): State<PgPool>,
     Path(id): Path<String>,
 ) -> Result<Json<Product>, Problem> {
@@ -218,6 +220,7 @@ async fn get_product(
 }
 
 async fn put_product(
+    _auth: Authorized<Admin>,
     State(pool): State<PgPool>,
     Path(id): Path<String>,
     ApiJson(body): ApiJson<SetStock>,

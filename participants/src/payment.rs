@@ -8,6 +8,7 @@ use serde::Serialize;
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
+use saga_shared_events::auth::{Authorized, Read};
 use saga_shared_events::consumer::HandlerError;
 use saga_shared_events::contract::{Body, ChargePayment, Charged, OrderRef, Participant, Refusal};
 use saga_shared_events::http::Problem;
@@ -140,6 +141,7 @@ pub fn router(pool: PgPool) -> Router {
 }
 
 async fn get_payment(
+    _auth: Authorized<Read>,
     State(pool): State<PgPool>,
     Path(id): Path<String>,
 ) -> Result<Json<PaymentView>, Problem> {

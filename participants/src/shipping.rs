@@ -8,6 +8,7 @@ use serde::Serialize;
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
+use saga_shared_events::auth::{Authorized, Read};
 use saga_shared_events::consumer::HandlerError;
 use saga_shared_events::contract::{Body, OrderRef, Participant, Refusal};
 use saga_shared_events::http::Problem;
@@ -101,6 +102,7 @@ pub fn router(pool: PgPool) -> Router {
 }
 
 async fn get_shipment(
+    _auth: Authorized<Read>,
     State(pool): State<PgPool>,
     Path(id): Path<String>,
 ) -> Result<Json<ShipmentView>, Problem> {

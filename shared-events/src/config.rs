@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 
+use crate::auth::AuthArgs;
 use crate::telemetry::LogFormat;
 
 /// Connection and logging settings common to every service.
@@ -42,9 +43,108 @@ pub struct CommonArgs {
     /// `false` leaves every message to the relay.
     #[arg(long, env = "OUTBOX_FAST_PATH", default_value_t = true, action = clap::ArgAction::Set)]
     pub outbox_fast_path: bool,
+    /// Requests served at once; beyond that the service sheds load with `503` and `Retry-After`.
+    #[arg(long, env = "HTTP_MAX_IN_FLIGHT", default_value_t = 1024,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub http_max_in_flight: u32,
+    /// A request taking longer than this is answered `503`.
+    #[arg(long, env = "HTTP_REQUEST_TIMEOUT_MS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(100..=600_000))]
+    pub http_request_timeout_ms: u64,
+    /// REST authentication.
+    #[command(flatten)]
+    pub auth: AuthArgs,
+    /// NATS credentials and TLS.
+    #[command(flatten)]
+    pub nats_auth: NatsAuthArgs,
+}
+
+/// How to authenticate to NATS (at most one of user/password, token, nkey seed, creds file) and
+/// TLS options. Secret values are never logged.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct NatsAuthArgs {
+    /// NATS user name (with `NATS_PASSWORD`).
+    #[arg(long, env = "NATS_USER")]
+    pub nats_user: Option<String>,
+    /// NATS password.
+    #[arg(long, env = "NATS_PASSWORD", hide_env_values = true)]
+    pub nats_password: Option<String>,
+    /// NATS token.
+    #[arg(long, env = "NATS_TOKEN", hide_env_values = true)]
+    pub nats_token: Option<String>,
+    /// NATS `.creds` file (JWT + nkey).
+    #[arg(long, env = "NATS_CREDS")]
+    pub nats_creds: Option<std::path::PathBuf>,
+    /// NATS nkey seed (`SU…`).
+    #[arg(long, env = "NATS_NKEY_SEED", hide_env_values = true)]
+    pub nats_nkey_seed: Option<String>,
+    /// CA certificate (PEM) to verify the server; turns TLS on.
+    #[arg(long, env = "NATS_TLS_CA")]
+    pub nats_tls_ca: Option<std::path::PathBuf>,
+    /// Client certificate (PEM) for mutual TLS, with `NATS_TLS_KEY`.
+    #[arg(long, env = "NATS_TLS_CERT")]
+    pub nats_tls_cert: Option<std::path::PathBuf>,
+    /// Client key (PEM) for mutual TLS.
+    #[arg(long, env = "NATS_TLS_KEY")]
+    pub nats_tls_key: Option<std::path::PathBuf>,
+}
+
+impl NatsAuthArgs {
+    /// Checks the combination: one credential kind at most; user and password together; cert
+    /// and key together.
+    pub fn validate(&self) -> Result<(), String> {
+        let kinds = [
+            self.nats_user.is_some() || self.nats_password.is_some(),
+            self.nats_token.is_some(),
+            self.nats_creds.is_some(),
+            self.nats_nkey_seed.is_some(),
+        ];
+        if kinds.iter().filter(|k| **k).count() > 1 {
+            return Err(
+                "set only one of NATS_USER/NATS_PASSWORD, NATS_TOKEN, NATS_CREDS, NATS_NKEY_SEED"
+                    .into(),
+            );
+        }
+        if self.nats_user.is_some() != self.nats_password.is_some() {
+            return Err("NATS_USER and NATS_PASSWORD go together".into());
+        }
+        if self.nats_tls_cert.is_some() != self.nats_tls_key.is_some() {
+            return Err("NATS_TLS_CERT and NATS_TLS_KEY go together".into());
+        }
+        Ok(())
+    }
 }
 
 impl CommonArgs {
+    /// The settings as a log line, secrets redacted.
+    pub fn describe(&self, service: &str) -> String {
+        let a = &self.nats_auth;
+        let set = |v: &Option<String>| if v.is_some() { "set" } else { "unset" };
+        format!(
+            "nats_url={} database_url={} http_addr={:?} db_pool_size={} consumer_concurrency={} \
+             consumer_batch={} stream_replicas={} outbox_fast_path={} http_max_in_flight={} \
+             http_request_timeout_ms={} auth_mode={:?} nats_user={:?} nats_password={} \
+             nats_token={} nats_nkey_seed={} nats_creds={:?} nats_tls_ca={:?}",
+            redact_url(&self.nats_url),
+            redact_url(&self.database_url_or_default(service)),
+            self.http_addr,
+            self.db_pool_size,
+            self.consumer_concurrency,
+            self.consumer_batch,
+            self.stream_replicas,
+            self.outbox_fast_path,
+            self.http_max_in_flight,
+            self.http_request_timeout_ms,
+            self.auth.auth_mode,
+            a.nats_user,
+            set(&a.nats_password),
+            set(&a.nats_token),
+            set(&a.nats_nkey_seed),
+            a.nats_creds,
+            a.nats_tls_ca,
+        )
+    }
+
     /// The database URL, or this service's default.
     pub fn database_url_or_default(&self, service: &str) -> String {
         self.database_url
@@ -98,6 +198,31 @@ mod tests {
         assert!(parse_rate("1.5").unwrap_err().contains("out of range"));
         assert!(parse_rate("abc").is_err());
         assert!(parse_rate("NaN").is_err());
+    }
+
+    #[test]
+    fn the_settings_dump_never_shows_secrets() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct T {
+            #[command(flatten)]
+            c: CommonArgs,
+        }
+        let t = T::parse_from([
+            "t",
+            "--database-url",
+            "postgres://u:hunter2@db/x",
+            "--nats-user",
+            "svc",
+            "--nats-password",
+            "s3cret",
+        ]);
+        let line = t.c.describe("x");
+        assert!(
+            !line.contains("hunter2") && !line.contains("s3cret"),
+            "{line}"
+        );
+        assert!(line.contains("nats_password=set"));
     }
 
     #[test]

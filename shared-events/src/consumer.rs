@@ -16,6 +16,10 @@ use crate::contract::{DLQ_PREFIX, Envelope, header};
 use crate::nats::{ConsumerSpec, NatsError};
 use crate::propagation;
 
+/// Largest payload a consumer decodes; larger ones are dead-lettered unread. The biggest valid
+/// message (100 order lines) is a few KiB.
+pub const MAX_MESSAGE_BYTES: usize = 256 * 1024;
+
 /// How a handler failed, which decides what happens to the message.
 #[derive(Debug, thiserror::Error)]
 pub enum HandlerError {

@@ -530,3 +530,124 @@ mod tests {
         assert!(Envelope::decode(&serde_json::to_vec(&v).unwrap()).is_err());
     }
 }
+
+#[cfg(test)]
+mod proptests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn uuid() -> impl Strategy<Value = Uuid> {
+        any::<u128>().prop_map(Uuid::from_u128)
+    }
+
+    fn text() -> impl Strategy<Value = String> {
+        ".{0,80}"
+    }
+
+    fn reason() -> impl Strategy<Value = Option<CancelReason>> {
+        prop_oneof![
+            Just(None),
+            Just(Some(CancelReason::InventoryRejected)),
+            Just(Some(CancelReason::PaymentDeclined)),
+            Just(Some(CancelReason::ShippingFailed)),
+            Just(Some(CancelReason::CancelRequested)),
+            Just(Some(CancelReason::TimedOut)),
+        ]
+    }
+
+    /// Every message type with arbitrary contents.
+    fn body() -> impl Strategy<Value = Body> {
+        let line = (text(), any::<i32>()).prop_map(|(product_id, quantity)| Line {
+            product_id,
+            quantity,
+        });
+        let event = || {
+            (uuid(), text(), reason(), text(), any::<i64>()).prop_map(
+                |(order_id, status, cancel_reason, detail, total_cents)| OrderEvent {
+                    order_id,
+                    status,
+                    cancel_reason,
+                    cancel_detail: Some(detail),
+                    total_cents,
+                },
+            )
+        };
+        prop_oneof![
+            (uuid(), proptest::collection::vec(line, 0..5)).prop_map(|(order_id, lines)| {
+                Body::ReserveInventory(ReserveInventory { order_id, lines })
+            }),
+            uuid().prop_map(|order_id| Body::ReleaseInventory(OrderRef { order_id })),
+            (uuid(), text(), any::<i64>()).prop_map(|(order_id, customer_id, amount_cents)| {
+                Body::ChargePayment(ChargePayment {
+                    order_id,
+                    customer_id,
+                    amount_cents,
+                })
+            }),
+            uuid().prop_map(|order_id| Body::RefundPayment(OrderRef { order_id })),
+            (uuid(), text()).prop_map(|(order_id, customer_id)| Body::ShipOrder(ShipOrder {
+                order_id,
+                customer_id
+            })),
+            uuid().prop_map(|order_id| Body::CancelShipment(OrderRef { order_id })),
+            uuid().prop_map(|order_id| Body::InventoryReserved(OrderRef { order_id })),
+            (uuid(), text()).prop_map(|(order_id, reason)| Body::InventoryRejected(Refusal {
+                order_id,
+                reason
+            })),
+            uuid().prop_map(|order_id| Body::InventoryReleased(OrderRef { order_id })),
+            (uuid(), any::<i64>()).prop_map(|(order_id, amount_cents)| Body::PaymentCharged(
+                Charged {
+                    order_id,
+                    amount_cents
+                }
+            )),
+            (uuid(), text())
+                .prop_map(|(order_id, reason)| Body::PaymentDeclined(Refusal { order_id, reason })),
+            uuid().prop_map(|order_id| Body::PaymentRefunded(OrderRef { order_id })),
+            uuid().prop_map(|order_id| Body::Shipped(OrderRef { order_id })),
+            (uuid(), text())
+                .prop_map(|(order_id, reason)| Body::ShippingFailed(Refusal { order_id, reason })),
+            event().prop_map(Body::OrderCreated),
+            event().prop_map(Body::OrderCompleted),
+            event().prop_map(Body::OrderCancelled),
+            event().prop_map(Body::OrderFailed),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn every_message_type_round_trips(saga in uuid(), cause in proptest::option::of(uuid()), body in body()) {
+            let env = Envelope::new(saga, cause, body);
+            prop_assert_eq!(Envelope::decode(&env.encode()).unwrap(), env);
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = Envelope::decode(&bytes);
+        }
+
+        /// Valid messages with one byte changed, cut short, or with a field replaced by another
+        /// JSON value: decoding returns an error or a message, never panics.
+        #[test]
+        fn damaged_messages_never_panic(
+            body in body(),
+            pos in any::<prop::sample::Index>(),
+            byte in any::<u8>(),
+            cut in any::<prop::sample::Index>(),
+            field in prop::sample::select(vec!["message_id", "saga_id", "version", "type", "payload", "occurred_at"]),
+            value in prop_oneof![Just(serde_json::Value::Null), any::<i64>().prop_map(serde_json::Value::from), ".{0,10}".prop_map(serde_json::Value::from)],
+        ) {
+            let bytes = Envelope::new(Uuid::nil(), None, body).encode();
+            let mut flipped = bytes.clone();
+            let i = pos.index(flipped.len());
+            flipped[i] = byte;
+            let _ = Envelope::decode(&flipped);
+            let _ = Envelope::decode(&bytes[..cut.index(bytes.len())]);
+            let mut v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+            v[field] = value;
+            let _ = Envelope::decode(&serde_json::to_vec(&v).unwrap());
+        }
+    }
+}

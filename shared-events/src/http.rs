@@ -57,6 +57,9 @@ pub struct Problem {
     /// Seconds for `Retry-After` (503).
     #[serde(skip)]
     pub retry_after: Option<u64>,
+    /// `WWW-Authenticate` challenge (401, 403).
+    #[serde(skip)]
+    pub www_authenticate: Option<String>,
 }
 
 fn ser_status<S: serde::Serializer>(s: &StatusCode, ser: S) -> Result<S::Ok, S::Error> {
@@ -73,6 +76,7 @@ impl Problem {
             detail: Some(detail.into()),
             errors: Vec::new(),
             retry_after: None,
+            www_authenticate: None,
         }
     }
 

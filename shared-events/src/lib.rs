@@ -5,6 +5,7 @@
 //! consumer loop with dead-lettering, trace propagation, Postgres start-up, HTTP plumbing and
 //! telemetry. Each concept lives here once.
 
+pub mod auth;
 pub mod config;
 pub mod consumer;
 pub mod contract;

@@ -33,6 +33,9 @@ pub enum NatsError {
         /// Why.
         source: async_nats::jetstream::context::GetStreamError,
     },
+    /// The NATS credential settings are inconsistent or unreadable.
+    #[error("NATS credentials: {0}")]
+    Credentials(String),
     /// A consumer could not be created or updated.
     #[error("cannot create or update consumer {name}: {source}")]
     Consumer {
@@ -48,8 +51,10 @@ pub enum NatsError {
 pub async fn connect(
     url: &str,
     name: &str,
+    auth: &crate::config::NatsAuthArgs,
     wait: Duration,
 ) -> Result<async_nats::Client, NatsError> {
+    auth.validate().map_err(NatsError::Credentials)?;
     let deadline = tokio::time::Instant::now() + wait;
     // `url` may list several servers separated by commas (the nodes of a cluster).
     let servers: Vec<&str> = url
@@ -58,7 +63,7 @@ pub async fn connect(
         .filter(|s| !s.is_empty())
         .collect();
     loop {
-        let opts = async_nats::ConnectOptions::new()
+        let mut opts = async_nats::ConnectOptions::new()
             .name(name)
             .connection_timeout(Duration::from_secs(3))
             .max_reconnects(None)
@@ -66,9 +71,32 @@ pub async fn connect(
                 match event {
                     async_nats::Event::Connected => tracing::info!("NATS connected"),
                     async_nats::Event::Disconnected => tracing::warn!("NATS disconnected"),
+                    async_nats::Event::ServerError(e) => {
+                        tracing::error!(error = %e, "NATS server error")
+                    }
                     other => tracing::debug!(event = %other, "NATS event"),
                 }
             });
+        if let (Some(user), Some(pass)) = (&auth.nats_user, &auth.nats_password) {
+            opts = opts.user_and_password(user.clone(), pass.clone());
+        }
+        if let Some(token) = &auth.nats_token {
+            opts = opts.token(token.clone());
+        }
+        if let Some(seed) = &auth.nats_nkey_seed {
+            opts = opts.nkey(seed.clone());
+        }
+        if let Some(path) = &auth.nats_creds {
+            opts = opts.credentials_file(path).await.map_err(|e| {
+                NatsError::Credentials(format!("NATS_CREDS {}: {e}", path.display()))
+            })?;
+        }
+        if let Some(ca) = &auth.nats_tls_ca {
+            opts = opts.add_root_certificates(ca.clone()).require_tls(true);
+        }
+        if let (Some(cert), Some(key)) = (&auth.nats_tls_cert, &auth.nats_tls_key) {
+            opts = opts.add_client_certificate(cert.clone(), key.clone());
+        }
         match opts.connect(servers.as_slice()).await {
             Ok(client) => return Ok(client),
             Err(source) if tokio::time::Instant::now() >= deadline => {

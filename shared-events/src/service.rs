@@ -13,7 +13,7 @@ use sqlx::migrate::Migrator;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{CommonArgs, redact_url};
+use crate::config::CommonArgs;
 use crate::http::{ReadyCheck, install_metrics, not_found_fallback, ops_router, track_metrics};
 use crate::outbox::{Outbox, Relay};
 
@@ -26,6 +26,9 @@ pub enum StartupError {
     /// NATS.
     #[error(transparent)]
     Nats(#[from] crate::nats::NatsError),
+    /// Authentication settings.
+    #[error(transparent)]
+    Auth(#[from] crate::auth::AuthConfigError),
     /// The HTTP listener.
     #[error("HTTP_ADDR: cannot listen on {addr}: {source}")]
     Bind {
@@ -51,6 +54,37 @@ pub struct Runtime {
     pub service: &'static str,
     /// The service's outbox (fast path plus relay).
     pub outbox: Outbox,
+    /// Bearer-token verification (`None` with `AUTH_MODE=none`).
+    pub auth: Option<Arc<crate::auth::Authenticator>>,
+    limits: HttpLimits,
+}
+
+#[derive(Clone, Copy)]
+struct HttpLimits {
+    max_in_flight: usize,
+    timeout: Duration,
+}
+
+/// Load shedding and a request timeout around the API: beyond `max_in_flight` requests, or past
+/// the timeout, the answer is a `503` problem with `Retry-After` instead of a growing queue.
+fn harden(api: Router, limits: &HttpLimits) -> Router {
+    use tower::ServiceBuilder;
+    let overload = |err: tower::BoxError| async move {
+        if err.is::<tower::timeout::error::Elapsed>() {
+            metrics::counter!("http_requests_timed_out_total").increment(1);
+            crate::http::Problem::unavailable("the request took too long", 1)
+        } else {
+            metrics::counter!("http_requests_shed_total").increment(1);
+            crate::http::Problem::unavailable("the service is saturated; retry shortly", 1)
+        }
+    };
+    api.layer(
+        ServiceBuilder::new()
+            .layer(axum::error_handling::HandleErrorLayer::new(overload))
+            .load_shed()
+            .concurrency_limit(limits.max_in_flight)
+            .timeout(limits.timeout),
+    )
 }
 
 impl Runtime {
@@ -62,17 +96,13 @@ impl Runtime {
         migrator: &Migrator,
         shutdown: CancellationToken,
     ) -> Result<Self, StartupError> {
+        let auth = crate::auth::Authenticator::from_args(&common.auth)?;
         let url = common.database_url_or_default(service);
-        tracing::info!(
-            service,
-            database_url = %redact_url(&url),
-            nats_url = %redact_url(&common.nats_url),
-            "starting"
-        );
+        tracing::info!(service, settings = %common.describe(service), "starting");
         let opts = crate::db::options(&url, service)?;
         let wait = Duration::from_secs(60);
         let pool = crate::db::connect(opts, migrator, common.db_pool_size, wait).await?;
-        let nats = crate::nats::connect(&common.nats_url, service, wait).await?;
+        let nats = crate::nats::connect(&common.nats_url, service, &common.nats_auth, wait).await?;
         let js = jetstream::new(nats.clone());
         // A fresh cluster may not have elected its JetStream leader yet: retry for a while.
         let deadline = tokio::time::Instant::now() + wait;
@@ -99,6 +129,11 @@ impl Runtime {
             shutdown,
             service,
             outbox,
+            auth,
+            limits: HttpLimits {
+                max_in_flight: common.http_max_in_flight as usize,
+                timeout: Duration::from_millis(common.http_request_timeout_ms),
+            },
         })
     }
 
@@ -137,7 +172,8 @@ impl Runtime {
             .await
             .map_err(|source| StartupError::Bind { addr, source })?;
         let metrics = install_metrics();
-        let app = api
+        let app = harden(api, &self.limits)
+            .layer(crate::auth::layer(self.auth.clone()))
             .merge(ops_router(self.ready_check(), metrics))
             .fallback(not_found_fallback)
             .layer(axum::middleware::from_fn(track_metrics));

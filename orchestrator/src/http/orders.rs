@@ -8,6 +8,7 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use saga_shared_events::auth::{Admin, Authorized, Read, Write};
 use saga_shared_events::http::{ApiJson, FieldError, Problem};
 
 use super::AppState;
@@ -123,6 +124,7 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Problem> {
 
 #[tracing::instrument(name = "create order", skip_all, fields(saga_id = tracing::field::Empty))]
 async fn create_order(
+    _auth: Authorized<Write>,
     State(state): State<AppState>,
     headers: HeaderMap,
     ApiJson(body): ApiJson<CreateOrderRequest>,
@@ -148,6 +150,7 @@ fn parse_id(id: &str) -> Result<Uuid, Problem> {
 }
 
 async fn get_order(
+    _auth: Authorized<Read>,
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<OrderView>, ApiError> {
@@ -173,6 +176,7 @@ pub struct OrderPage {
 }
 
 async fn list_orders(
+    _auth: Authorized<Read>,
     State(state): State<AppState>,
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<OrderPage>, ApiError> {
@@ -217,6 +221,7 @@ async fn list_orders(
 }
 
 async fn cancel_order(
+    _auth: Authorized<Admin>,
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
@@ -226,6 +231,7 @@ async fn cancel_order(
 }
 
 async fn retry_order(
+    _auth: Authorized<Admin>,
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {

@@ -493,7 +493,8 @@ async def run(args) -> int:
 
         # --- clean up what the test left (own durables only; the latest dead letter via sagactl)
         left = await drain_test_messages(orch, "SAGA_REPLY", "orchestrator")
-        left += await drain_test_messages(pay, "SAGA_CMD", "payment")
+        for p in PARTICIPANTS:
+            left += await drain_test_messages(users[p], "SAGA_CMD", p)
         status, data = await ctl.api("$JS.API.STREAM.INFO.SAGA_DLQ")
         if status == "ok":
             last = data["state"]["last_seq"]

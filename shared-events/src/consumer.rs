@@ -171,8 +171,14 @@ fn prepare(spec: &ConsumerSpec, msg: jetstream::Message) -> Delivery {
     );
     let _ = span.set_parent(propagation::context_from_headers(msg.headers.as_ref()));
     crate::telemetry::record_trace_id(&span);
-    let decoded =
-        Envelope::decode(&msg.payload).map_err(|e| HandlerError::Permanent(e.to_string()));
+    let decoded = if msg.payload.len() > MAX_MESSAGE_BYTES {
+        Err(HandlerError::Permanent(format!(
+            "message of {} bytes exceeds the limit of {MAX_MESSAGE_BYTES}",
+            msg.payload.len()
+        )))
+    } else {
+        Envelope::decode(&msg.payload).map_err(|e| HandlerError::Permanent(e.to_string()))
+    };
     Delivery {
         msg,
         delivered,

@@ -125,6 +125,11 @@ impl IntoResponse for Problem {
             res.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(s));
         }
+        if let Some(challenge) = self.www_authenticate.as_deref()
+            && let Ok(v) = HeaderValue::from_str(challenge)
+        {
+            res.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+        }
         res
     }
 }

@@ -121,8 +121,15 @@ async fn a_malformed_command_is_dead_lettered_and_the_service_keeps_working() {
     .await
     .unwrap();
 
+    let huge = vec![b' '; 300 * 1024];
+    js.publish("saga.cmd.shipping.ship.v1", huge.into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+
     let mut seen = Vec::new();
-    for _ in 0..2 {
+    for _ in 0..3 {
         let msg = tokio::time::timeout(Duration::from_secs(15), dead.next())
             .await
             .expect("a dead letter within 15 s")
@@ -139,6 +146,8 @@ async fn a_malformed_command_is_dead_lettered_and_the_service_keeps_working() {
         msg.ack().await.unwrap();
     }
     seen.sort();
+    assert_eq!(seen[2].0, "saga.dlq.saga.cmd.shipping.ship.v1");
+    assert!(seen[2].1.contains("exceeds the limit"), "{}", seen[2].1);
     assert_eq!(seen[0].0, "saga.dlq.saga.cmd.inventory.reserve.v1");
     assert!(seen[0].1.contains("unsupported version 9"), "{}", seen[0].1);
     assert_eq!(seen[1].0, "saga.dlq.saga.cmd.payment.charge.v1");

@@ -97,7 +97,14 @@ pub async fn run(
     args: &ChaosArgs,
     dbs: Option<AuditDbs>,
 ) -> anyhow::Result<ChaosReport> {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(token) = &ep.token {
+        let value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
+            .context("SAGACTL_TOKEN is not a valid header value")?;
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+    }
     let http = reqwest::Client::builder()
+        .default_headers(headers)
         .timeout(Duration::from_secs(30))
         .pool_max_idle_per_host(args.concurrency as usize)
         .build()?;

@@ -54,6 +54,9 @@ pub struct Endpoints {
         global = true
     )]
     pub nats_url: String,
+    /// Bearer token for the services' APIs (when they run with AUTH_MODE=jwt).
+    #[arg(long, env = "SAGACTL_TOKEN", global = true, hide_env_values = true)]
+    pub token: Option<String>,
 }
 
 /// Database URLs for the audit.
@@ -144,6 +147,30 @@ enum Command {
         #[command(subcommand)]
         command: DlqCommand,
     },
+    /// Issue a signed JWT for local testing (RS256 or ES256, from a PEM private key).
+    Token {
+        /// PEM private key (RSA or P-256).
+        #[arg(long)]
+        key: std::path::PathBuf,
+        /// Scopes to grant (repeatable): orders:read, orders:write, orders:admin.
+        #[arg(long = "scope", required = true)]
+        scopes: Vec<String>,
+        /// `sub` claim.
+        #[arg(long, default_value = "sagactl")]
+        subject: String,
+        /// `iss` claim.
+        #[arg(long)]
+        issuer: Option<String>,
+        /// `aud` claim.
+        #[arg(long)]
+        audience: Option<String>,
+        /// `kid` header (to pick a key from a JWKS).
+        #[arg(long)]
+        kid: Option<String>,
+        /// Lifetime in seconds.
+        #[arg(long, default_value_t = 3600)]
+        ttl_secs: i64,
+    },
     /// Check the four databases for violated guarantees; exits 1 on any violation.
     Audit {
         /// Also report sagas still in flight and unpublished outbox rows.
@@ -225,6 +252,40 @@ async fn main() -> anyhow::Result<()> {
                     println!("replayed {n} dead letter(s)");
                 }
             }
+        }
+        Command::Token {
+            key,
+            scopes,
+            subject,
+            issuer,
+            audience,
+            kid,
+            ttl_secs,
+        } => {
+            use jsonwebtoken::{Algorithm, EncodingKey, Header};
+            let pem =
+                std::fs::read(&key).with_context(|| format!("cannot read {}", key.display()))?;
+            let (alg, enc) = match EncodingKey::from_rsa_pem(&pem) {
+                Ok(k) => (Algorithm::RS256, k),
+                Err(_) => (
+                    Algorithm::ES256,
+                    EncodingKey::from_ec_pem(&pem)
+                        .context("not an RSA or P-256 private key in PEM form")?,
+                ),
+            };
+            let now = chrono::Utc::now().timestamp();
+            let mut claims = serde_json::json!({
+                "sub": subject, "scope": scopes.join(" "), "iat": now, "nbf": now, "exp": now + ttl_secs,
+            });
+            if let Some(iss) = issuer {
+                claims["iss"] = iss.into();
+            }
+            if let Some(aud) = audience {
+                claims["aud"] = aud.into();
+            }
+            let mut header = Header::new(alg);
+            header.kid = kid;
+            println!("{}", jsonwebtoken::encode(&header, &claims, &enc)?);
         }
         Command::Audit { settled, json } => {
             let dbs = cli.databases.connect().await?;

@@ -19,7 +19,7 @@ use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
 
 /// One offending input field.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct FieldError {
     /// JSON path of the field, e.g. `items[0].quantity`.
     pub field: String,
@@ -38,10 +38,11 @@ impl FieldError {
 }
 
 /// An RFC 9457 problem, rendered as `application/problem+json`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Problem {
     /// HTTP status.
     #[serde(serialize_with = "ser_status")]
+    #[schema(value_type = u16)]
     pub status: StatusCode,
     /// A problem type URI; `about:blank` when the status says it all.
     #[serde(rename = "type")]
@@ -56,9 +57,11 @@ pub struct Problem {
     pub errors: Vec<FieldError>,
     /// Seconds for `Retry-After` (503).
     #[serde(skip)]
+    #[schema(ignore)]
     pub retry_after: Option<u64>,
     /// `WWW-Authenticate` challenge (401, 403).
     #[serde(skip)]
+    #[schema(ignore)]
     pub www_authenticate: Option<String>,
 }
 

@@ -65,6 +65,9 @@ pub async fn connect(
     loop {
         let mut opts = async_nats::ConnectOptions::new()
             .name(name)
+            // Each service's replies and deliveries arrive under its own prefix, so NATS
+            // permissions can keep one service from reading another's (deploy/nats).
+            .custom_inbox_prefix(format!("_INBOX_{name}"))
             .connection_timeout(Duration::from_secs(3))
             .max_reconnects(None)
             .event_callback(|event| async move {

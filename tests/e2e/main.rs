@@ -7,4 +7,5 @@ mod auth;
 mod faults;
 mod flows;
 mod messaging;
+mod nats_security;
 mod observability;

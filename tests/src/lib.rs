@@ -173,10 +173,73 @@ impl Nats {
             "nats-server accepting connections",
             || {
                 let url = url.clone();
-                async move { async_nats::connect(&url).await.is_ok() }
+                // A TCP connect and the server's INFO line: works with or without auth.
+                async move {
+                    let addr = url.trim_start_matches("nats://").to_owned();
+                    match tokio::net::TcpStream::connect(addr).await {
+                        Ok(mut sock) => {
+                            use tokio::io::AsyncReadExt;
+                            let mut buf = [0u8; 4];
+                            sock.read_exact(&mut buf).await.is_ok() && &buf == b"INFO"
+                        }
+                        Err(_) => false,
+                    }
+                }
             },
         )
         .await;
+    }
+
+    /// Starts a server with the deployment's users and permissions (`deploy/nats/accounts.conf`),
+    /// with these passwords; returns it and the passwords by user.
+    pub async fn start_secured() -> (Self, BTreeMap<String, String>) {
+        let dir = tempfile::tempdir().unwrap();
+        let accounts =
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/nats/accounts.conf");
+        let conf = dir.path().join("nats.conf");
+        // nats-server resolves includes relative to the including file.
+        std::fs::copy(&accounts, dir.path().join("accounts.conf")).unwrap();
+        std::fs::write(
+            &conf,
+            format!(
+                "include \"accounts.conf\"\njetstream {{ store_dir: \"{}\" }}\nmax_payload: 1MB\n",
+                dir.path().join("js").display()
+            ),
+        )
+        .unwrap();
+        let passwords: BTreeMap<String, String> = [
+            "orchestrator",
+            "inventory",
+            "payment",
+            "shipping",
+            "sagactl",
+        ]
+        .iter()
+        .map(|u| (u.to_string(), format!("p{}", Uuid::new_v4().simple())))
+        .collect();
+        let mut nats = Nats {
+            child: None,
+            port: free_port(),
+            dir,
+            cluster: None,
+        };
+        let log = std::fs::File::create(nats.dir.path().join("nats.log")).unwrap();
+        let mut cmd = Command::new(nats_server_bin());
+        cmd.arg("-c")
+            .arg(&conf)
+            .args(["-a", "127.0.0.1", "-p", &nats.port.to_string()]);
+        for (user, pw) in &passwords {
+            cmd.env(format!("{}_NATS_PASSWORD", user.to_uppercase()), pw);
+        }
+        nats.child = Some(
+            cmd.stdout(Stdio::null())
+                .stderr(log)
+                .kill_on_drop(true)
+                .spawn()
+                .expect("spawn nats-server"),
+        );
+        nats.wait_accepting().await;
+        (nats, passwords)
     }
 
     async fn spawn(&mut self) {
@@ -221,6 +284,8 @@ pub struct StackOptions {
     pub private_postgres: bool,
     /// Run a three-node NATS cluster with streams at three replicas.
     pub nats_cluster: bool,
+    /// Run NATS with the deployment's users and permissions; each service logs in as its user.
+    pub nats_secured: bool,
 }
 
 impl StackOptions {
@@ -260,6 +325,8 @@ struct Service {
 pub struct Stack {
     /// The broker (one node, or three in a cluster).
     pub nats: Vec<Nats>,
+    /// NATS passwords by user, when NATS runs secured.
+    pub nats_passwords: BTreeMap<String, String>,
     /// The private Postgres, when asked for.
     pub postgres: Option<PrivatePostgres>,
     admin_url: String,
@@ -289,8 +356,13 @@ impl Stack {
             .map(PrivatePostgres::admin_url)
             .unwrap_or_else(admin_db_url);
         check_postgres(&admin_url).await;
+        let mut nats_passwords = BTreeMap::new();
         let nats = if opts.nats_cluster {
             Nats::start_cluster().await
+        } else if opts.nats_secured {
+            let (n, pw) = Nats::start_secured().await;
+            nats_passwords = pw;
+            vec![n]
         } else {
             vec![Nats::start().await]
         };
@@ -321,6 +393,10 @@ impl Stack {
                     if opts.nats_cluster { "3" } else { "1" }.to_string(),
                 ),
             ];
+            if let Some(pw) = nats_passwords.get(name) {
+                env.push(("NATS_USER".to_string(), name.to_string()));
+                env.push(("NATS_PASSWORD".to_string(), pw.clone()));
+            }
             env.extend(opts.env.get(name).cloned().unwrap_or_default());
             services.insert(
                 key.clone(),
@@ -335,6 +411,7 @@ impl Stack {
         }
         let mut stack = Stack {
             nats,
+            nats_passwords,
             postgres,
             admin_url,
             services,

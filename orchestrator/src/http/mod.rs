@@ -23,9 +23,15 @@ pub const BODY_LIMIT: usize = 64 * 1024;
 
 /// The API routes with body limit and request tracing (honouring an incoming `traceparent`).
 pub fn api_router(state: AppState) -> Router {
+    use utoipa::OpenApi;
     Router::new()
         .merge(orders::router())
         .with_state(state)
+        // The document and an interactive page that works offline (assets are vendored).
+        .merge(
+            utoipa_swagger_ui::SwaggerUi::new("/docs")
+                .url("/openapi.json", orders::ApiDoc::openapi()),
+        )
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(
             TraceLayer::new_for_http().make_span_with(|req: &Request<_>| {

@@ -27,6 +27,36 @@ pub const STATUSES: [&str; 8] = [
     "failed",
 ];
 
+/// The OpenAPI document of the orchestrator.
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(title = "Order saga orchestrator", description = "Create orders and follow their sagas."),
+    paths(create_order, get_order, list_orders, cancel_order, retry_order),
+    components(schemas(CreateOrderRequest, ItemRequest, OrderView, OrderPage, Item, crate::saga::store::Transition, Problem, FieldError)),
+    modifiers(&BearerAuth),
+    tags((name = "orders", description = "Orders and their sagas"))
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        if let Some(c) = openapi.components.as_mut() {
+            c.add_security_scheme(
+                "bearer",
+                SecurityScheme::Http(
+                    HttpBuilder::new()
+                        .scheme(HttpAuthScheme::Bearer)
+                        .bearer_format("JWT")
+                        .build(),
+                ),
+            );
+        }
+    }
+}
+
 /// Routes under `/orders`.
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -37,18 +67,29 @@ pub fn router() -> Router<AppState> {
 }
 
 /// The body of `POST /orders`. Unknown fields are refused.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateOrderRequest {
+    /// 1 to 64 characters.
+    #[schema(min_length = 1, max_length = 64)]
     customer_id: String,
+    /// 1 to 100 lines.
+    #[schema(min_items = 1, max_items = 100)]
     items: Vec<ItemRequest>,
 }
 
-#[derive(Debug, Deserialize)]
+/// One line of a new order.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct ItemRequest {
+pub struct ItemRequest {
+    /// 1 to 64 characters.
+    #[schema(min_length = 1, max_length = 64)]
     product_id: String,
+    /// 1 to 1000.
+    #[schema(minimum = 1, maximum = 1000)]
     quantity: i64,
+    /// Price per unit in minor units, 0 to 1,000,000,000.
+    #[schema(minimum = 0, maximum = 1_000_000_000)]
     unit_price_cents: i64,
 }
 
@@ -122,6 +163,22 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Problem> {
     }
 }
 
+/// Accepts an order and starts its saga.
+#[utoipa::path(post, path = "/orders", tag = "orders",
+    request_body(content = CreateOrderRequest, content_type = "application/json"),
+    params(("Idempotency-Key" = Option<String>, Header, description = "Repeat-safe key: the same key and body return the same order")),
+    responses(
+        (status = 202, description = "Accepted; the saga runs", body = OrderView, headers(("Location" = String, description = "/orders/{id}"))),
+        (status = 200, description = "The order created earlier with this Idempotency-Key", body = OrderView),
+        (status = 400, description = "Malformed JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Missing or invalid bearer token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "The token lacks the scope", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body over 64 KiB", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid fields, each named", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Saturated, timed out or database unavailable; see Retry-After", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = ["orders:write"])))]
 #[tracing::instrument(name = "create order", skip_all, fields(saga_id = tracing::field::Empty))]
 async fn create_order(
     _auth: Authorized<Write>,
@@ -149,6 +206,18 @@ fn parse_id(id: &str) -> Result<Uuid, Problem> {
     Uuid::parse_str(id).map_err(|_| Problem::not_found(format!("order {id:?} not found")))
 }
 
+/// One order with its history.
+#[utoipa::path(get, path = "/orders/{id}", tag = "orders",
+    params(("id" = String, Path, description = "Order id")),
+    responses(
+        (status = 200, description = "The order", body = OrderView),
+        (status = 400, description = "Malformed JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Missing or invalid bearer token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "The token lacks the scope", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such order", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Saturated, timed out or database unavailable; see Retry-After", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = ["orders:read"])))]
 async fn get_order(
     _auth: Authorized<Read>,
     State(state): State<AppState>,
@@ -168,13 +237,30 @@ pub struct ListQuery {
 }
 
 /// A page of orders.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct OrderPage {
+    /// Newest first.
     orders: Vec<OrderView>,
     /// Cursor for the next page (`after=`), absent on the last page.
     next: Option<String>,
 }
 
+/// A page of orders, newest first.
+#[utoipa::path(get, path = "/orders", tag = "orders",
+    params(
+        ("status" = Option<String>, Query, description = "Only orders in this status"),
+        ("limit" = Option<i64>, Query, description = "1 to 500, default 50"),
+        ("after" = Option<String>, Query, description = "Cursor: `next` of the previous page"),
+    ),
+    responses(
+        (status = 200, description = "A page", body = OrderPage),
+        (status = 400, description = "Malformed JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Missing or invalid bearer token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "The token lacks the scope", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid query parameters, each named", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Saturated, timed out or database unavailable; see Retry-After", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = ["orders:read"])))]
 async fn list_orders(
     _auth: Authorized<Read>,
     State(state): State<AppState>,
@@ -220,6 +306,19 @@ async fn list_orders(
     Ok(Json(OrderPage { orders, next }))
 }
 
+/// Starts compensation of an order not yet shipped.
+#[utoipa::path(post, path = "/orders/{id}/cancel", tag = "orders",
+    params(("id" = String, Path, description = "Order id")),
+    responses(
+        (status = 202, description = "Accepted", body = OrderView),
+        (status = 400, description = "Malformed JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Missing or invalid bearer token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "The token lacks the scope", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such order", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Not possible in the order's state", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Saturated, timed out or database unavailable; see Retry-After", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = ["orders:admin"])))]
 async fn cancel_order(
     _auth: Authorized<Admin>,
     State(state): State<AppState>,
@@ -230,6 +329,19 @@ async fn cancel_order(
     Ok((StatusCode::ACCEPTED, Json(state.store.get(id).await?)).into_response())
 }
 
+/// Resumes a failed saga where it stopped.
+#[utoipa::path(post, path = "/orders/{id}/retry", tag = "orders",
+    params(("id" = String, Path, description = "Order id")),
+    responses(
+        (status = 202, description = "Accepted", body = OrderView),
+        (status = 400, description = "Malformed JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Missing or invalid bearer token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "The token lacks the scope", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such order", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Not possible in the order's state", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Saturated, timed out or database unavailable; see Retry-After", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = ["orders:admin"])))]
 async fn retry_order(
     _auth: Authorized<Admin>,
     State(state): State<AppState>,

@@ -39,7 +39,7 @@ pub enum StoreError {
 }
 
 /// One order line as submitted.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Item {
     /// Product.
     pub product_id: String,
@@ -69,7 +69,7 @@ impl NewOrder {
 }
 
 /// One row of the transition history.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct Transition {
     /// Status before (null for the creation).
     pub from: Option<String>,
@@ -82,7 +82,7 @@ pub struct Transition {
 }
 
 /// An order as the API shows it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct OrderView {
     /// The order (and saga) id.
     pub id: Uuid,

@@ -94,6 +94,7 @@ pub struct ChaosReport {
 /// Runs the experiment; returns the report (violations make the caller exit non-zero).
 pub async fn run(
     ep: &Endpoints,
+    nats_auth: &saga_shared_events::config::NatsAuthArgs,
     args: &ChaosArgs,
     dbs: Option<AuditDbs>,
 ) -> anyhow::Result<ChaosReport> {
@@ -142,7 +143,10 @@ pub async fn run(
         shipping["success_rate"] = json!(rate);
         put_chaos(&http, &ep.shipping, &shipping).await?;
     }
-    let outcome = drive(ep, args, &http, bodies, seed, &products, initial, dbs).await;
+    let outcome = drive(
+        ep, nats_auth, args, &http, bodies, seed, &products, initial, dbs,
+    )
+    .await;
     // Restore the previous settings whatever happened.
     let restored = (
         put_chaos(&http, &ep.payment, &saved_payment).await,
@@ -157,6 +161,7 @@ pub async fn run(
 #[allow(clippy::too_many_arguments)]
 async fn drive(
     ep: &Endpoints,
+    nats_auth: &saga_shared_events::config::NatsAuthArgs,
     args: &ChaosArgs,
     http: &reqwest::Client,
     bodies: Vec<Value>,
@@ -165,9 +170,13 @@ async fn drive(
     initial: i64,
     dbs: Option<AuditDbs>,
 ) -> anyhow::Result<ChaosReport> {
-    let nats = async_nats::connect(&ep.nats_url)
-        .await
-        .with_context(|| format!("cannot connect to NATS at {}", ep.nats_url))?;
+    let nats = saga_shared_events::nats::connect(
+        &ep.nats_url,
+        "sagactl",
+        nats_auth,
+        Duration::from_secs(5),
+    )
+    .await?;
     let js = async_nats::jetstream::new(nats.clone());
     let waiters = Arc::new(Mutex::new(Waiters::default()));
     let mut sub = nats.subscribe("orders.>").await?;

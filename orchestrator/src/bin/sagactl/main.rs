@@ -133,6 +133,8 @@ struct Cli {
     #[command(flatten)]
     endpoints: Endpoints,
     #[command(flatten)]
+    nats_auth: saga_shared_events::config::NatsAuthArgs,
+    #[command(flatten)]
     databases: Databases,
     #[command(subcommand)]
     command: Command,
@@ -209,7 +211,7 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Chaos(args) => {
             let dbs = cli.databases.connect().await.ok();
-            let report = chaos::run(&cli.endpoints, &args, dbs).await?;
+            let report = chaos::run(&cli.endpoints, &cli.nats_auth, &args, dbs).await?;
             if args.json {
                 println!("{}", serde_json::to_string(&report)?);
             } else {
@@ -220,9 +222,13 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         Command::Dlq { command } => {
-            let client = async_nats::connect(&cli.endpoints.nats_url)
-                .await
-                .with_context(|| format!("cannot connect to NATS at {}", cli.endpoints.nats_url))?;
+            let client = saga_shared_events::nats::connect(
+                &cli.endpoints.nats_url,
+                "sagactl",
+                &cli.nats_auth,
+                Duration::from_secs(5),
+            )
+            .await?;
             let js = async_nats::jetstream::new(client);
             match command {
                 DlqCommand::List { limit, json } => {

@@ -9,3 +9,4 @@ mod flows;
 mod messaging;
 mod nats_security;
 mod observability;
+mod schema;

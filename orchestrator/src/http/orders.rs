@@ -15,6 +15,28 @@ use super::AppState;
 use super::error::ApiError;
 use crate::saga::store::{Created, Item, NewOrder, OrderView};
 
+/// A saga status (documentation of the `status` filter).
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code, non_camel_case_types)]
+pub enum OrderStatus {
+    /// Waiting for inventory.
+    created,
+    /// Waiting for payment.
+    inventory_reserved,
+    /// Waiting for shipping.
+    paid,
+    /// Done.
+    shipped,
+    /// Compensating: refund.
+    refunding_payment,
+    /// Compensating: release.
+    releasing_inventory,
+    /// Compensated.
+    cancelled,
+    /// Compensation gave up; see `POST /orders/{id}/retry`.
+    failed,
+}
+
 /// Statuses a list may filter on.
 pub const STATUSES: [&str; 8] = [
     "created",
@@ -32,7 +54,7 @@ pub const STATUSES: [&str; 8] = [
 #[openapi(
     info(title = "Order saga orchestrator", description = "Create orders and follow their sagas."),
     paths(create_order, get_order, list_orders, cancel_order, retry_order),
-    components(schemas(CreateOrderRequest, ItemRequest, OrderView, OrderPage, Item, crate::saga::store::Transition, Problem, FieldError)),
+    components(schemas(CreateOrderRequest, ItemRequest, OrderView, OrderPage, Item, crate::saga::store::Transition, Problem, FieldError, OrderStatus)),
     modifiers(&BearerAuth),
     tags((name = "orders", description = "Orders and their sagas"))
 )]
@@ -248,9 +270,9 @@ pub struct OrderPage {
 /// A page of orders, newest first.
 #[utoipa::path(get, path = "/orders", tag = "orders",
     params(
-        ("status" = Option<String>, Query, description = "Only orders in this status"),
-        ("limit" = Option<i64>, Query, description = "1 to 500, default 50"),
-        ("after" = Option<String>, Query, description = "Cursor: `next` of the previous page"),
+        ("status" = Option<OrderStatus>, Query, description = "Only orders in this status"),
+        ("limit" = Option<i64>, Query, minimum = 1, maximum = 500, description = "1 to 500, default 50"),
+        ("after" = Option<uuid::Uuid>, Query, description = "Cursor: `next` of the previous page"),
     ),
     responses(
         (status = 200, description = "A page", body = OrderPage),

@@ -243,3 +243,26 @@ async fn a_hundred_concurrent_orders_all_end_terminal_with_stock_conserved() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_fast_path_off_the_relay_alone_delivers_every_message() {
+    // Every message then waits for the relay, woken by LISTEN/NOTIFY (the poll is the safety net).
+    let stack =
+        Stack::start_with(StackOptions::default().with_all("OUTBOX_FAST_PATH", "false")).await;
+    let oat = product("oat");
+    stack.set_stock(&oat, 10).await;
+    let ids: Vec<String> = futures_util::future::join_all((0..5).map(|i| {
+        let oat = oat.clone();
+        let stack = &stack;
+        async move { stack.create_order(&format!("r{i}"), &[(&oat, 1, 10)]).await }
+    }))
+    .await;
+    for id in &ids {
+        let order = stack.wait_terminal(id).await;
+        assert_eq!(order["status"], "shipped");
+    }
+    stack.wait_quiet().await;
+    for svc in saga_e2e_tests::SERVICES {
+        assert_eq!(stack.outbox_len(svc).await, 0, "{svc} outbox drained");
+    }
+}

@@ -41,7 +41,8 @@ async fn schemathesis_finds_no_server_error_and_no_schema_violation() {
         // A repeated Idempotency-Key with another body is refused (422) by design, which this
         // check would count as rejecting valid input.
         .args(["--exclude-checks", "positive_data_acceptance"])
-        .args(["-n", "40", "--workers", "2", "--seed", "1"])
+        // One worker: hypothesis' lambda introspection is not thread-safe (seen crashing with two).
+        .args(["-n", "40", "--workers", "1", "--seed", "1"])
         .arg("-H")
         .arg(format!("Authorization: Bearer {token}"))
         .env("NO_COLOR", "1")

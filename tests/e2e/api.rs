@@ -211,3 +211,47 @@ async fn bad_input_of_every_kind_gets_a_problem_and_never_a_500() {
         assert_eq!(s, 200);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_service_sheds_load_and_times_out_with_503_and_retry_after() {
+    let mut opts = saga_e2e_tests::StackOptions::default()
+        .with("orchestrator", "HTTP_MAX_IN_FLIGHT", "1")
+        .with("orchestrator", "HTTP_REQUEST_TIMEOUT_MS", "3000");
+    opts.private_postgres = true;
+    let stack = Stack::start_with(opts).await;
+    let body = order_body("nia", &[("p", 1, 1)]);
+    // With the database gone, a request waits for a connection until the timeout.
+    stack.postgres.as_ref().unwrap().stop();
+    let url = stack.url("orchestrator", "/orders");
+    // Two at once: one takes the only slot and waits until the timeout, the other is shed.
+    let send = || {
+        let req = stack.http.post(&url).json(&body);
+        async move {
+            let r = req.send().await.unwrap();
+            let retry_after = r.headers().get("retry-after").cloned();
+            let status = r.status().as_u16();
+            let problem: serde_json::Value = r.json().await.unwrap();
+            (
+                status,
+                retry_after,
+                problem["detail"].as_str().unwrap_or_default().to_owned(),
+            )
+        }
+    };
+    let (a, b) = tokio::join!(send(), send());
+    let mut details = Vec::new();
+    for (status, retry_after, detail) in [a, b] {
+        assert_eq!(status, 503, "{detail}");
+        assert!(retry_after.is_some(), "503 carries Retry-After");
+        details.push(detail);
+    }
+    assert!(
+        details.iter().any(|d| d.contains("saturated")),
+        "{details:?}"
+    );
+    assert!(
+        details.iter().any(|d| d.contains("too long")),
+        "{details:?}"
+    );
+    stack.postgres.as_ref().unwrap().start_again().await;
+}

@@ -13,6 +13,8 @@ It connects as every user and sends the same JetStream API requests the services
 async-nats 0.51 (stream create-or-update, durable pull consumer create/info/fetch/ack, JetStream
 publish with PubAck), and checks that what a user must not do is refused with a
 "Permissions Violation" (or, for a consumer created with a mismatching filter, a JetStream error).
+Every connection uses the inbox prefix `_INBOX_<user>` (as the services do with async-nats'
+`custom_inbox_prefix`), the only subjects besides `orders.>` (sagactl) a user may subscribe to.
 
 Run it against a fresh or staging server, not production: it creates the four streams and the
 durable consumers if missing (existing ones are re-submitted unchanged), publishes a few test
@@ -52,6 +54,12 @@ CONSUMERS = {
     **{p: ("SAGA_CMD", p, f"saga.cmd.{p}.>") for p in PARTICIPANTS},
 }
 NS = 1_000_000_000
+
+
+def inbox_prefix(user: str) -> str:
+    """Per-user inbox prefix; accounts.conf lets each user subscribe only to `_INBOX_<user>.>`."""
+    return f"_INBOX_{user}"
+
 TEST_HEADERS = {"Verify-Permissions": "1"}
 
 
@@ -93,6 +101,7 @@ class User:
             user=self.name,
             password=password,
             name=f"verify-permissions-{self.name}",
+            inbox_prefix=inbox_prefix(self.name),
             error_cb=on_error,
             allow_reconnect=False,
             connect_timeout=3,
@@ -323,14 +332,15 @@ async def run(args) -> int:
     # --- authentication
     try:
         nc = await nats.connect(servers=[args.server], allow_reconnect=False, connect_timeout=3,
-                                error_cb=_ignore)
+                                inbox_prefix=inbox_prefix("anonymous"), error_cb=_ignore)
         await nc.close()
         c.check(False, "anonymous connection refused")
     except Exception as e:  # noqa: BLE001
         c.check("Authorization Violation" in str(e), "anonymous connection refused", str(e))
     try:
         nc = await nats.connect(servers=[args.server], user="payment", password="wrong-" + uuid.uuid4().hex,
-                                allow_reconnect=False, connect_timeout=3, error_cb=_ignore)
+                                allow_reconnect=False, connect_timeout=3,
+                                inbox_prefix=inbox_prefix("payment"), error_cb=_ignore)
         await nc.close()
         c.check(False, "wrong password refused")
     except Exception as e:  # noqa: BLE001
@@ -343,6 +353,9 @@ async def run(args) -> int:
             await u.connect(args.server, passwords[n])
             users[n] = u
         c.check(True, "all five users connect")
+        for n, u in users.items():
+            inbox = u.nc.new_inbox()
+            c.check(inbox.startswith(inbox_prefix(n) + "."), f"{n}: uses inbox prefix {inbox_prefix(n)}", inbox)
         orch, inv, pay, ship, ctl = (users[n] for n in USERS)
 
         # --- start-up topology, every service (orchestrator first: it creates what is missing)
@@ -361,9 +374,14 @@ async def run(args) -> int:
         await expect_allowed_js_publish(c, orch, "saga.cmd.inventory.reserve.v1", "SAGA_CMD")
         await expect_allowed_js_publish(c, orch, "saga.cmd.payment.charge.v1", "SAGA_CMD")
 
-        # eavesdropping on _INBOX.> (allowed to everyone, see accounts.conf)
-        spy = await pay.nc.subscribe("_INBOX.>")
-        await pay.settle()
+        # eavesdropping on other users' inboxes: refused (per-user inbox prefixes, see accounts.conf).
+        # The subscriptions stay open while inventory pulls its command, to show nothing leaks.
+        spies = []
+        for subject in ("_INBOX.>", "_INBOX_inventory.>"):
+            mark = len(pay.errors)
+            spies.append(await pay.nc.subscribe(subject))
+            await pay.settle()
+            c.check(pay.violation("Subscription", subject, mark), f"payment: denied subscribe {subject}")
 
         await expect_denied_pub(c, pay, "$JS.API.CONSUMER.MSG.NEXT.SAGA_CMD.inventory",
                                 {"batch": 1, "expires": NS}, "pull from durable inventory (MSG.NEXT.SAGA_CMD.inventory)")
@@ -386,20 +404,20 @@ async def run(args) -> int:
         if inv_msg is not None:
             c.check(await ack(inv, inv_msg), "inventory: acks on $JS.ACK.SAGA_CMD.inventory.>")
         await asyncio.sleep(0.1)
-        seen = []
-        while True:
+        for spy in spies:
+            seen = []
+            while True:
+                try:
+                    m = await spy.next_msg(timeout=0.05)
+                    seen.append(m.subject)
+                except Exception:  # noqa: BLE001
+                    break
             try:
-                m = await spy.next_msg(timeout=0.05)
-                seen.append(m.subject)
+                await spy.unsubscribe()
             except Exception:  # noqa: BLE001
-                break
-        await spy.unsubscribe()
-        if "saga.cmd.inventory.reserve.v1" in seen:
-            c.warn("payment, subscribed to _INBOX.>, also received the command inventory pulled "
-                   f"(saw {len(seen)} messages: {', '.join(sorted(set(seen)))}); closing this needs "
-                   "per-service inbox prefixes (see accounts.conf)")
-        elif seen:
-            c.warn(f"payment, subscribed to _INBOX.>, saw {len(seen)} messages for other inboxes")
+                pass
+            c.check(not seen, f"payment: its refused {spy.subject} subscription received nothing",
+                    f"saw {len(seen)}: {', '.join(sorted(set(seen)))}" if seen else "")
 
         # more things payment must not do
         await expect_denied_pub(c, pay, "$JS.API.CONSUMER.CREATE.SAGA_CMD.inventory.saga.cmd.inventory.>",

@@ -1,7 +1,7 @@
 //! The reply consumer: turns participants' replies into saga events.
 
 use saga_shared_events::Body;
-use saga_shared_events::consumer::{Handler, HandlerError, Incoming};
+use saga_shared_events::consumer::{self, Handler, HandlerError, Incoming};
 use saga_shared_events::inbox;
 
 use crate::saga::machine::Event;
@@ -110,12 +110,7 @@ impl Handler for ReplyHandler {
             }
             Err(e) => {
                 tracing::debug!(error = %e, "batch failed; handling its replies one by one");
-                let mut out = Vec::with_capacity(msgs.len());
-                for m in msgs.drain(..) {
-                    let span = m.span.clone();
-                    out.push(self.handle(m).instrument(span).await);
-                }
-                out
+                consumer::one_by_one(self, std::mem::take(&mut msgs)).await
             }
         }
     }

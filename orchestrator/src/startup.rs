@@ -86,10 +86,9 @@ impl Application {
             Duration::from_millis(self.settings.step_timeout_ms),
             rt.shutdown.clone(),
         ));
-        let prune = Box::pin(prune_inbox(rt.pool.clone(), rt.shutdown.clone()));
         let api = api_router(AppState { store: self.store });
         let addr = self.settings.common.http_addr_or(Settings::DEFAULT_PORT);
-        rt.run(addr, api, vec![consume, sweep, prune]).await
+        rt.run(addr, api, vec![consume, sweep]).await
     }
 }
 
@@ -109,21 +108,6 @@ async fn sweep_deadlines(store: SagaStore, step_timeout: Duration, shutdown: Can
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(interval) => {}
-        }
-    }
-}
-
-/// Drops inbox entries far older than any redelivery.
-pub async fn prune_inbox(pool: sqlx::PgPool, shutdown: CancellationToken) {
-    loop {
-        if let Err(e) =
-            saga_shared_events::inbox::prune(&pool, Duration::from_secs(7 * 24 * 3600)).await
-        {
-            tracing::warn!(error = %e, "inbox prune failed");
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_secs(3600)) => {}
         }
     }
 }

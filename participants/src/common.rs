@@ -264,78 +264,30 @@ impl<D: Decide> Handler for CommandHandler<D> {
             }
             Err(e) => {
                 tracing::debug!(error = %e, "batch failed; handling its messages one by one");
-                let mut out = Vec::with_capacity(msgs.len());
-                for m in msgs.drain(..) {
-                    let span = m.span.clone();
-                    out.push(self.handle(m).instrument(span).await);
-                }
-                out
+                consumer::one_by_one(self, std::mem::take(&mut msgs)).await
             }
         }
     }
 
     async fn handle(&self, msg: Incoming) -> Result<(), HandlerError> {
+        use tracing::Instrument;
         let chaos = current(&self.chaos);
         if chaos.latency_ms > 0 {
             let ms = chaos.latency_ms + rand::random_range(0..=chaos.latency_ms);
             tokio::time::sleep(Duration::from_millis(ms)).await;
         }
-        let env = &msg.envelope;
-        if env.body.order_id() != env.saga_id {
-            return Err(HandlerError::Permanent(
-                "payload order_id differs from saga_id".into(),
-            ));
-        }
         let mut tx = self.pool.begin().await?;
-        if !inbox::record(&mut tx, env.message_id).await? {
+        let Some(replies) = self.work(&mut tx, &msg.envelope, &chaos).await? else {
             tracing::debug!("duplicate command ignored");
             return Ok(());
-        }
-        let span = tracing::info_span!(
-            "decide",
-            otel.name = %format!("{} {}", D::PARTICIPANT.as_str(), env.body.message_type()),
-            saga_id = %env.saga_id,
-            otel.status_code = tracing::field::Empty,
-            otel.status_description = tracing::field::Empty,
-        );
-        let reply = {
-            use tracing::Instrument;
-            self.decide
-                .decide(&mut tx, &env.body, &chaos)
-                .instrument(span.clone())
-                .await?
         };
-        if let Body::InventoryRejected(r) | Body::PaymentDeclined(r) | Body::ShippingFailed(r) =
-            &reply
-        {
-            span.record("otel.status_code", "ERROR");
-            span.record("otel.status_description", r.reason.as_str());
-        }
         if chaos.error_rate > 0.0 && rand::random_bool(chaos.error_rate) {
             // Injected after the work, before commit: the rollback must leave no trace.
             return Err(HandlerError::Transient("chaos: injected failure".into()));
         }
-        let mut replies = vec![OutgoingMessage::new(&Envelope::new(
-            env.saga_id,
-            Some(env.message_id),
-            reply.clone(),
-        ))];
-        if chaos.duplicate_rate > 0.0 && rand::random_bool(chaos.duplicate_rate) {
-            replies.push(OutgoingMessage::new(&Envelope::new(
-                env.saga_id,
-                Some(env.message_id),
-                reply,
-            )));
-        }
-        {
-            use tracing::Instrument;
-            async {
-                self.outbox.enqueue(&mut tx, &replies).await?;
-                tx.commit().await
-            }
+        tx.commit()
             .instrument(tracing::info_span!("commit", db.system = "postgresql"))
             .await?;
-        }
         self.outbox.publish_committed(replies);
         Ok(())
     }
@@ -396,22 +348,9 @@ pub async fn run<D: Decide>(
             stop.cancel();
         }
     }) as std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
-    let pool = rt.pool.clone();
-    let stop = rt.shutdown.clone();
-    let prune = Box::pin(async move {
-        loop {
-            if let Err(e) = inbox::prune(&pool, Duration::from_secs(7 * 24 * 3600)).await {
-                tracing::warn!(error = %e, "inbox prune failed");
-            }
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(Duration::from_secs(3600)) => {}
-            }
-        }
-    });
     let router = api(rt.pool.clone()).merge(chaos_router(chaos));
     let addr = common.http_addr_or(default_port);
-    rt.run(addr, router, vec![consume, prune]).await
+    rt.run(addr, router, vec![consume]).await
 }
 
 /// The entry point every participant binary calls.

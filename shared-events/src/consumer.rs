@@ -63,15 +63,22 @@ pub trait Handler: Send + Sync + 'static {
         &self,
         msgs: Vec<Incoming>,
     ) -> impl Future<Output = Vec<Result<(), HandlerError>>> + Send {
-        async move {
-            let mut out = Vec::with_capacity(msgs.len());
-            for m in msgs {
-                let span = m.span.clone();
-                out.push(self.handle(m).instrument(span).await);
-            }
-            out
-        }
+        one_by_one(self, msgs)
     }
+}
+
+/// Handles messages one at a time, each in its own span: the default for a batch, and the
+/// fallback of batching handlers when their batch transaction fails.
+pub async fn one_by_one<H: Handler + ?Sized>(
+    handler: &H,
+    msgs: Vec<Incoming>,
+) -> Vec<Result<(), HandlerError>> {
+    let mut out = Vec::with_capacity(msgs.len());
+    for m in msgs {
+        let span = m.span.clone();
+        out.push(handler.handle(m).instrument(span).await);
+    }
+    out
 }
 
 /// Pulls from the durable consumer described by `spec` until `shutdown`, then lets the handlers

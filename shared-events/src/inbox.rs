@@ -27,3 +27,17 @@ pub async fn prune(pool: &sqlx::PgPool, keep: std::time::Duration) -> Result<u64
     .await?;
     Ok(done.rows_affected())
 }
+
+/// Prunes entries older than seven days (far beyond any redelivery or replay window) every hour
+/// until `shutdown`.
+pub async fn prune_periodically(pool: sqlx::PgPool, shutdown: tokio_util::sync::CancellationToken) {
+    loop {
+        if let Err(e) = prune(&pool, std::time::Duration::from_secs(7 * 24 * 3600)).await {
+            tracing::warn!(error = %e, "inbox prune failed");
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(std::time::Duration::from_secs(3600)) => {}
+        }
+    }
+}

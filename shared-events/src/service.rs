@@ -184,6 +184,10 @@ impl Runtime {
             self.pool.clone(),
             self.shutdown.clone(),
         ));
+        set.spawn(crate::inbox::prune_periodically(
+            self.pool.clone(),
+            self.shutdown.clone(),
+        ));
         for t in tasks {
             set.spawn(t);
         }

@@ -64,7 +64,7 @@ impl Application {
             stream: STREAM_REPLY.into(),
             durable: REPLY_CONSUMER.into(),
             filter_subject: "saga.reply.>".into(),
-            max_deliver: 10,
+            max_deliver: self.settings.common.consumer_max_deliver as i64,
             ack_wait: Duration::from_secs(10),
             concurrency: self.settings.common.consumer_concurrency as usize,
             batch_size: self.settings.common.consumer_batch as usize,

@@ -330,7 +330,7 @@ pub async fn run<D: Decide>(
         stream: STREAM_CMD.into(),
         durable: name.into(),
         filter_subject: D::PARTICIPANT.command_filter(),
-        max_deliver: 10,
+        max_deliver: common.consumer_max_deliver as i64,
         ack_wait: Duration::from_secs(10),
         concurrency: common.consumer_concurrency as usize,
         // Inventory locks shared product rows: batching its commands would invite deadlocks.

@@ -30,6 +30,10 @@ pub struct CommonArgs {
     #[arg(long, env = "CONSUMER_CONCURRENCY", default_value_t = 64,
           value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub consumer_concurrency: u32,
+    /// Deliveries of a message that keeps failing before it is dead-lettered.
+    #[arg(long, env = "CONSUMER_MAX_DELIVER", default_value_t = 10,
+          value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub consumer_max_deliver: u32,
     /// Messages that were ready together and are handled in one transaction (group commit);
     /// 1 turns batching off.
     #[arg(long, env = "CONSUMER_BATCH", default_value_t = 16,

@@ -172,3 +172,47 @@ async fn a_malformed_command_is_dead_lettered_and_the_service_keeps_working() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_that_keeps_failing_is_dead_lettered_after_max_deliver() {
+    let opts = saga_e2e_tests::StackOptions::default()
+        .with("shipping", "CHAOS_ERROR_RATE", "1.0")
+        .with("shipping", "CONSUMER_MAX_DELIVER", "3");
+    let stack = Stack::start_with(opts).await;
+    let js = stack.jetstream().await;
+    let dlq = js.get_stream("SAGA_DLQ").await.unwrap();
+    let watcher = dlq
+        .create_consumer(async_nats::jetstream::consumer::pull::Config {
+            filter_subject: "saga.dlq.saga.cmd.shipping.>".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut dead = watcher.messages().await.unwrap();
+    let fig = product("fig");
+    stack.set_stock(&fig, 2).await;
+    let id = stack.create_order("olga", &[(&fig, 1, 10)]).await;
+
+    let msg = tokio::time::timeout(Duration::from_secs(20), dead.next())
+        .await
+        .expect("the failing command dead-lettered within 20 s")
+        .unwrap()
+        .unwrap();
+    let h = msg.headers.clone().unwrap();
+    assert_eq!(
+        h.get(header::DLQ_SUBJECT).unwrap().as_str(),
+        "saga.cmd.shipping.ship.v1"
+    );
+    assert_eq!(h.get(header::DLQ_DELIVERIES).unwrap().as_str(), "3");
+    assert!(
+        h.get(header::DLQ_ERROR)
+            .unwrap()
+            .as_str()
+            .contains("gave up after 3 deliveries")
+    );
+    let env = Envelope::decode(&msg.payload).unwrap();
+    assert_eq!(env.saga_id.to_string(), id, "the original payload is kept");
+    // The saga is not lost: it waits in `paid` for its deadline to re-send the command.
+    let (_, order) = stack.get("orchestrator", &format!("/orders/{id}")).await;
+    assert_eq!(order["status"], "paid");
+}

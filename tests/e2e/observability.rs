@@ -377,3 +377,35 @@ async fn metrics_count_sagas_steps_effects_and_requests() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_collector_that_is_down_costs_no_saga() {
+    // Nothing listens on this port: every export fails.
+    let dead = format!("http://127.0.0.1:{}", saga_e2e_tests::free_port());
+    let opts = StackOptions::default()
+        .with_all("OTEL_EXPORTER_OTLP_ENDPOINT", &dead)
+        .with_all("OTEL_BSP_SCHEDULE_DELAY", "100");
+    let mut stack = Stack::start_with(opts).await;
+    let ink = product("ink");
+    stack.set_stock(&ink, 1000).await;
+    let ids = stack.create_orders(20, std::slice::from_ref(&ink), 5).await;
+    let outcomes = stack.wait_all_terminal(&ids, Duration::from_secs(60)).await;
+    assert_eq!(outcomes.get("shipped"), Some(&20), "{outcomes:?}");
+    // The failed exports are counted, and shutdown still ends in time.
+    wait_until(Duration::from_secs(30), "dropped spans counted", || {
+        let stack = &stack;
+        async move {
+            metrics(stack, "orchestrator")
+                .await
+                .get("otel_spans_dropped_total")
+                .copied()
+                .unwrap_or(0.0)
+                > 0.0
+        }
+    })
+    .await;
+    let code = stack
+        .terminate("orchestrator", Duration::from_secs(10))
+        .await;
+    assert_eq!(code, Some(0));
+}

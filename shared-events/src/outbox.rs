@@ -1,7 +1,9 @@
 //! Transactional outbox: messages are written in the same transaction as the state change that
-//! caused them, then a relay publishes them to JetStream with `Nats-Msg-Id` and deletes each row
-//! only after its PubAck. A crash between commit and publish only delays a message; a crash after
-//! publish and before delete makes a duplicate that JetStream's window and the inbox absorb.
+//! caused them. The writer publishes them right after commit (fast path) and the [`Relay`]
+//! publishes whatever is still there after a grace period (crash, broker down), both with
+//! `Nats-Msg-Id`, deleting each row only after its PubAck. A crash between commit and publish
+//! only delays a message; a crash after publish and before delete makes a duplicate that
+//! JetStream's window and the inbox absorb.
 
 use std::collections::BTreeMap;
 use std::time::Duration;

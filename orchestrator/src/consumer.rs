@@ -117,18 +117,10 @@ impl Handler for ReplyHandler {
 
     async fn handle(&self, msg: Incoming) -> Result<(), HandlerError> {
         let env = &msg.envelope;
-        let Some(event) = event_of(&env.body) else {
-            return Err(HandlerError::Permanent(format!(
-                "{} is not a reply",
-                env.body.message_type()
-            )));
+        let Some(event) = valid_event(env) else {
+            return Err(invalid(env));
         };
-        let order_id = env.body.order_id();
-        if order_id != env.saga_id {
-            return Err(HandlerError::Permanent(
-                "payload order_id differs from saga_id".into(),
-            ));
-        }
+        let order_id = env.saga_id;
         let mut tx = self.store.pool().begin().await?;
         if !inbox::record(&mut tx, env.message_id).await? {
             tracing::debug!(saga_id = %order_id, "duplicate reply ignored");

@@ -390,3 +390,9 @@ pub fn check_path_id(id: &str) -> Result<(), Problem> {
         Err(Problem::not_found("no such resource"))
     }
 }
+
+/// Logs a database error and answers `503` (with `Retry-After`) without its cause.
+pub fn internal(e: sqlx::Error) -> Problem {
+    tracing::error!(error.cause_chain = ?e, "request failed");
+    Problem::unavailable("database unavailable", 1)
+}

@@ -15,7 +15,7 @@ use saga_shared_events::consumer::HandlerError;
 use saga_shared_events::contract::{Body, Line, OrderRef, Participant, Refusal};
 use saga_shared_events::http::{ApiJson, FieldError, Problem};
 
-use crate::common::{Chaos, Decide, check_path_id, wrong_command};
+use crate::common::{Chaos, Decide, check_path_id, internal, wrong_command};
 
 /// Migrations of the inventory database.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/inventory");
@@ -252,10 +252,4 @@ async fn put_product(
         available,
         reserved,
     }))
-}
-
-/// Logs a database error and answers 500 without its cause.
-pub fn internal(e: sqlx::Error) -> Problem {
-    tracing::error!(error.cause_chain = ?e, "request failed");
-    Problem::unavailable("database unavailable", 1)
 }

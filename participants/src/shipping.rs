@@ -13,8 +13,7 @@ use saga_shared_events::consumer::HandlerError;
 use saga_shared_events::contract::{Body, OrderRef, Participant, Refusal};
 use saga_shared_events::http::Problem;
 
-use crate::common::{Chaos, Decide, wrong_command};
-use crate::inventory::internal;
+use crate::common::{Chaos, Decide, internal, wrong_command};
 
 /// Migrations of the shipping database.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/shipping");

@@ -57,13 +57,6 @@ pub enum Participant {
 }
 
 impl Participant {
-    /// Every participant, in saga order.
-    pub const ALL: [Participant; 3] = [
-        Participant::Inventory,
-        Participant::Payment,
-        Participant::Shipping,
-    ];
-
     /// The lowercase name used in subjects, consumer names and databases.
     pub fn as_str(self) -> &'static str {
         match self {

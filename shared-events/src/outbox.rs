@@ -132,10 +132,7 @@ impl Outbox {
         self.tracker.spawn(async move {
             let mut pending = Vec::with_capacity(messages.len());
             for m in messages {
-                let mut headers = HeaderMap::new();
-                for (k, v) in &m.headers {
-                    headers.insert(k.as_str(), v.as_str());
-                }
+                let headers = header_map(&m.headers);
                 match js
                     .publish_with_headers(m.subject, headers, m.payload.into())
                     .await
@@ -160,6 +157,15 @@ impl Outbox {
         self.tracker.close();
         let _ = tokio::time::timeout(within, self.tracker.wait()).await;
     }
+}
+
+/// NATS headers from a stored header map.
+fn header_map(headers: &BTreeMap<String, String>) -> HeaderMap {
+    let mut map = HeaderMap::new();
+    for (k, v) in headers {
+        map.insert(k.as_str(), v.as_str());
+    }
+    map
 }
 
 /// Deletes acknowledged rows in batches: one statement for everything acknowledged meanwhile.
@@ -220,14 +226,7 @@ async fn delete_acked(
 }
 
 /// Writes messages to the outbox inside the caller's transaction (one statement for all), due
-/// for the relay at once.
-pub async fn enqueue(
-    conn: &mut PgConnection,
-    messages: &[OutgoingMessage],
-) -> Result<(), sqlx::Error> {
-    enqueue_due_in(conn, messages, Duration::ZERO).await
-}
-
+/// for the relay after `due_in`.
 async fn enqueue_due_in(
     conn: &mut PgConnection,
     messages: &[OutgoingMessage],
@@ -366,10 +365,7 @@ impl Relay {
         }
         let mut pending = Vec::with_capacity(rows.len());
         for (id, subject, headers, payload) in rows {
-            let mut map = HeaderMap::new();
-            for (k, v) in headers.0.iter() {
-                map.insert(k.as_str(), v.as_str());
-            }
+            let map = header_map(&headers.0);
             let sent = self
                 .js
                 .publish_with_headers(subject, map, payload.into())

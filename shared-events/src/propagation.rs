@@ -57,11 +57,3 @@ pub fn context_from_headers(headers: Option<&HeaderMap>) -> Context {
         None => Context::new(),
     }
 }
-
-/// The trace id of the current span, as 32 hex digits, if it is sampled into a trace.
-pub fn current_trace_id() -> Option<String> {
-    use opentelemetry::trace::TraceContextExt;
-    let cx = tracing::Span::current().context();
-    let sc = cx.span().span_context().clone();
-    sc.is_valid().then(|| sc.trace_id().to_string())
-}

@@ -21,6 +21,23 @@ fn traced(rx: &Receiver) -> StackOptions {
         .with("payment", "OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
 }
 
+/// Every span received so far for `trace_id`.
+fn trace_spans(rx: &Receiver, trace_id: &str) -> Vec<Span> {
+    rx.collected
+        .spans()
+        .into_iter()
+        .filter(|s| s.trace_id == trace_id)
+        .collect()
+}
+
+/// Whether every span's parent is among the spans (a root has none).
+fn parents_known(spans: &[Span]) -> bool {
+    let ids: BTreeSet<&str> = spans.iter().map(|s| s.span_id.as_str()).collect();
+    spans
+        .iter()
+        .all(|s| s.parent_span_id.is_empty() || ids.contains(s.parent_span_id.as_str()))
+}
+
 /// The spans of one trace, once it is complete: every parent present, the expected number of
 /// services seen, and the transition to `final_status` recorded.
 async fn complete_trace(
@@ -31,17 +48,9 @@ async fn complete_trace(
 ) -> Vec<Span> {
     let mut spans = Vec::new();
     wait_until(Duration::from_secs(30), "a complete trace", || {
-        spans = rx
-            .collected
-            .spans()
-            .into_iter()
-            .filter(|s| s.trace_id == trace_id)
-            .collect();
-        let ids: BTreeSet<&str> = spans.iter().map(|s| s.span_id.as_str()).collect();
+        spans = trace_spans(rx, trace_id);
         let services: BTreeSet<&str> = spans.iter().map(|s| s.service.as_str()).collect();
-        let parents_known = spans
-            .iter()
-            .all(|s| s.parent_span_id.is_empty() || ids.contains(s.parent_span_id.as_str()));
+        let parents_known = parents_known(&spans);
         let finished = spans
             .iter()
             .any(|s| s.attributes.get("saga.state.to").map(String::as_str) == Some(final_status));
@@ -211,13 +220,7 @@ async fn a_saga_stays_one_trace_when_the_orchestrator_restarts_in_the_middle() {
         Duration::from_secs(10),
         "the first transitions exported",
         || {
-            let spans: Vec<Span> = rx
-                .collected
-                .spans()
-                .into_iter()
-                .filter(|s| s.trace_id == trace_id)
-                .collect();
-            let ids: BTreeSet<&str> = spans.iter().map(|s| s.span_id.as_str()).collect();
+            let spans = trace_spans(&rx, &trace_id);
             let charge_sent = spans.iter().any(|s| {
                 s.kind == 4
                     && s.attributes
@@ -225,10 +228,7 @@ async fn a_saga_stays_one_trace_when_the_orchestrator_restarts_in_the_middle() {
                         .map(String::as_str)
                         == Some("saga.cmd.payment.charge.v1")
             });
-            let seen = charge_sent
-                && spans.iter().all(|s| {
-                    s.parent_span_id.is_empty() || ids.contains(s.parent_span_id.as_str())
-                });
+            let seen = charge_sent && parents_known(&spans);
             async move { seen }
         },
     )

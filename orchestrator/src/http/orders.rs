@@ -233,7 +233,6 @@ fn parse_id(id: &str) -> Result<Uuid, Problem> {
     params(("id" = String, Path, description = "Order id")),
     responses(
         (status = 200, description = "The order", body = OrderView),
-        (status = 400, description = "Malformed JSON", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "Missing or invalid bearer token", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "The token lacks the scope", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such order", body = Problem, content_type = "application/problem+json"),
@@ -276,7 +275,6 @@ pub struct OrderPage {
     ),
     responses(
         (status = 200, description = "A page", body = OrderPage),
-        (status = 400, description = "Malformed JSON", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "Missing or invalid bearer token", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "The token lacks the scope", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid query parameters, each named", body = Problem, content_type = "application/problem+json"),
@@ -333,7 +331,6 @@ async fn list_orders(
     params(("id" = String, Path, description = "Order id")),
     responses(
         (status = 202, description = "Accepted", body = OrderView),
-        (status = 400, description = "Malformed JSON", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "Missing or invalid bearer token", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "The token lacks the scope", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such order", body = Problem, content_type = "application/problem+json"),
@@ -356,7 +353,6 @@ async fn cancel_order(
     params(("id" = String, Path, description = "Order id")),
     responses(
         (status = 202, description = "Accepted", body = OrderView),
-        (status = 400, description = "Malformed JSON", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "Missing or invalid bearer token", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "The token lacks the scope", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such order", body = Problem, content_type = "application/problem+json"),

@@ -30,9 +30,6 @@ pub enum StoreError {
     /// The request does not fit the saga's state (409).
     #[error("{0}")]
     Conflict(String),
-    /// A stored state could not be read (a bug or a manual edit).
-    #[error("stored saga state is unreadable: {0}")]
-    Corrupt(String),
     /// Postgres.
     #[error(transparent)]
     Db(#[from] sqlx::Error),
@@ -256,16 +253,9 @@ impl SagaStore {
             return Ok(Created::Replayed(existing));
         }
         let order_id = Uuid::now_v7();
-        let span = tracing::info_span!(
-            "saga transition",
-            otel.name = "saga start",
-            saga.id = %order_id,
-            order.id = %order_id,
-            saga.event = "start",
-            saga.state.from = "",
-            saga.state.to = "created",
-            saga_id = %order_id,
-        );
+        let span = transition_span(order_id, Event::Start.name());
+        span.record("saga.state.from", "");
+        span.record("saga.state.to", "created");
         let _enter = span.enter();
         let trace = saga_shared_events::propagation::current_context_fields();
         // The first step is decided before the row exists, so the saga is written once.
@@ -394,20 +384,8 @@ impl SagaStore {
         causation_id: Option<Uuid>,
     ) -> Result<Applied, StoreError> {
         use tracing::Instrument;
-        let span = tracing::info_span!(
-            "saga transition",
-            otel.name = %format!("saga {}", event.name()),
-            saga.id = %order_id,
-            order.id = %order_id,
-            saga.event = event.name(),
-            saga.state.from = tracing::field::Empty,
-            saga.state.to = tracing::field::Empty,
-            otel.status_code = tracing::field::Empty,
-            otel.status_description = tracing::field::Empty,
-            saga_id = %order_id,
-        );
         self.transition(conn, order_id, event, causation_id)
-            .instrument(span)
+            .instrument(transition_span(order_id, event.name()))
             .await
     }
 
@@ -739,6 +717,22 @@ type ViewRow = (
 const VIEW_SELECT_BY_ID: &str = "select order_id, customer_id, items, total_cents, status, \
      cancel_reason, cancel_detail, created_at, updated_at, trace_context \
      from saga_order where order_id = $1";
+
+/// The span of one saga transition; `from`, `to` and the status are recorded once known.
+fn transition_span(order_id: Uuid, event: &'static str) -> tracing::Span {
+    tracing::info_span!(
+        "saga transition",
+        otel.name = %format!("saga {event}"),
+        saga.id = %order_id,
+        order.id = %order_id,
+        saga.event = event,
+        saga.state.from = tracing::field::Empty,
+        saga.state.to = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+        otel.status_description = tracing::field::Empty,
+        saga_id = %order_id,
+    )
+}
 
 async fn insert_transition(
     conn: &mut PgConnection,

@@ -453,6 +453,13 @@ async fn drive(
     })
 }
 
+impl ChaosReport {
+    /// True when the run found no violation.
+    pub fn is_clean(&self) -> bool {
+        self.violations.is_empty()
+    }
+}
+
 /// Prints the human summary.
 pub fn print_report(r: &ChaosReport) {
     println!(

@@ -217,7 +217,7 @@ async fn main() -> anyhow::Result<()> {
             } else {
                 chaos::print_report(&report);
             }
-            if !report_is_clean(&report) {
+            if !report.is_clean() {
                 std::process::exit(1);
             }
         }
@@ -318,11 +318,4 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-fn report_is_clean(r: &chaos::ChaosReport) -> bool {
-    serde_json::to_value(r)
-        .ok()
-        .and_then(|v| v["violations"].as_array().map(Vec::is_empty))
-        .unwrap_or(false)
 }

@@ -1,11 +1,15 @@
 //! The reply consumer: turns participants' replies into saga events.
 
+use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
+
 use saga_shared_events::Body;
-use saga_shared_events::consumer::{self, Handler, HandlerError, Incoming};
+use saga_shared_events::consumer::{BatchWork, GroupCommit, HandlerError, Incoming};
 use saga_shared_events::inbox;
+use saga_shared_events::outbox::Outbox;
 
 use crate::saga::machine::Event;
-use crate::saga::store::{SagaStore, StoreError};
+use crate::saga::store::{Applied, SagaEvent, SagaStore, StoreError};
 
 fn valid_event(env: &saga_shared_events::Envelope) -> Option<Event> {
     event_of(&env.body).filter(|_| env.body.order_id() == env.saga_id)
@@ -46,105 +50,87 @@ pub fn event_of(body: &Body) -> Option<Event> {
     })
 }
 
-impl Handler for ReplyHandler {
-    /// Replies for different sagas in one transaction, locked in saga-id order (so concurrent
-    /// batches cannot deadlock); if anything fails, each reply is retried on its own.
-    async fn handle_batch(&self, mut msgs: Vec<Incoming>) -> Vec<Result<(), HandlerError>> {
-        use tracing::Instrument;
-        let mut order: Vec<usize> = (0..msgs.len()).collect();
-        order.sort_by_key(|i| msgs[*i].envelope.saga_id);
-        let mut outcomes: Vec<Result<(), HandlerError>> = msgs.iter().map(|_| Ok(())).collect();
-        let mut applied = Vec::new();
-        let batch: Result<(), StoreError> = async {
-            let mut tx = self.store.pool().begin().await?;
-            for &i in &order {
-                let env = &msgs[i].envelope;
-                let Some(event) = valid_event(env) else {
-                    outcomes[i] = Err(invalid(env));
-                    continue;
-                };
-                let span = msgs[i].span.clone();
-                let done = async {
-                    if !inbox::record(&mut tx, env.message_id).await? {
-                        return Ok(None);
-                    }
-                    self.store
-                        .apply_locked(&mut tx, env.saga_id, &event, Some(env.message_id))
-                        .await
-                        .map(Some)
-                }
-                .instrument(span)
-                .await;
-                match done {
-                    Ok(a) => applied.extend(a),
-                    Err(StoreError::NotFound(id)) => {
-                        // Undo its inbox entry (a replay must not look like a duplicate); the
-                        // rest of the batch goes on.
-                        sqlx::query("delete from processed_message where message_id = $1")
-                            .bind(env.message_id)
-                            .execute(&mut *tx)
-                            .await?;
-                        outcomes[i] = Err(HandlerError::Permanent(format!("no saga {id}")));
-                    }
-                    Err(e) => return Err(e),
-                }
-            }
-            tx.commit().await?;
-            Ok(())
-        }
-        .instrument(tracing::info_span!(
-            "commit batch",
-            db.system = "postgresql",
-            messages = msgs.len()
-        ))
-        .await;
-        match batch {
-            Ok(()) => {
-                for mut a in applied {
-                    a.record_metrics();
-                    self.store
-                        .outbox()
-                        .publish_committed(std::mem::take(&mut a.messages));
-                }
-                outcomes
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, "batch failed; handling its replies one by one");
-                consumer::one_by_one(self, std::mem::take(&mut msgs)).await
-            }
-        }
+impl GroupCommit for ReplyHandler {
+    type Committed = Vec<Applied>;
+
+    fn pool(&self) -> &PgPool {
+        self.store.pool()
     }
 
-    async fn handle(&self, msg: Incoming) -> Result<(), HandlerError> {
-        let env = &msg.envelope;
-        let Some(event) = valid_event(env) else {
-            return Err(invalid(env));
-        };
-        let order_id = env.saga_id;
-        let mut tx = self.store.pool().begin().await?;
-        if !inbox::record(&mut tx, env.message_id).await? {
-            tracing::debug!(saga_id = %order_id, "duplicate reply ignored");
-            return Ok(());
-        }
-        match self
-            .store
-            .apply_locked(&mut tx, order_id, &event, Some(env.message_id))
-            .await
-        {
-            Ok(mut applied) => {
-                tx.commit().await?;
-                applied.record_metrics();
-                self.store
-                    .outbox()
-                    .publish_committed(std::mem::take(&mut applied.messages));
-                if !applied.changed {
-                    tracing::debug!(saga_id = %order_id, event = event.name(), "late or duplicate reply ignored");
-                }
-                Ok(())
+    fn outbox(&self) -> &Outbox {
+        self.store.outbox()
+    }
+
+    /// The replies of a batch in one transaction: one inbox statement, then the store's
+    /// set-based transition of every saga they concern.
+    async fn work(
+        &self,
+        tx: &mut PgConnection,
+        msgs: &[Incoming],
+    ) -> Result<BatchWork<Vec<Applied>>, HandlerError> {
+        let mut outcomes: Vec<Result<(), HandlerError>> = msgs.iter().map(|_| Ok(())).collect();
+        let mut valid = Vec::with_capacity(msgs.len());
+        for (i, m) in msgs.iter().enumerate() {
+            match valid_event(&m.envelope) {
+                Some(event) => valid.push((i, event)),
+                None => outcomes[i] = Err(invalid(&m.envelope)),
             }
-            Err(StoreError::NotFound(id)) => Err(HandlerError::Permanent(format!("no saga {id}"))),
-            Err(StoreError::Db(e)) => Err(e.into()),
-            Err(e) => Err(HandlerError::Transient(e.to_string())),
+        }
+        let ids: Vec<Uuid> = valid
+            .iter()
+            .map(|(i, _)| msgs[*i].envelope.message_id)
+            .collect();
+        let mut new = inbox::record_many(tx, &ids).await?;
+        // A redelivered reply was applied before (or is a second copy in this very batch):
+        // acknowledged, not applied twice.
+        valid.retain(|(i, _)| new.remove(&msgs[*i].envelope.message_id));
+        let events: Vec<SagaEvent> = valid
+            .iter()
+            .map(|(i, event)| SagaEvent {
+                order_id: msgs[*i].envelope.saga_id,
+                event: event.clone(),
+                causation_id: Some(msgs[*i].envelope.message_id),
+                parent: msgs[*i].span.clone(),
+            })
+            .collect();
+        let results = self
+            .store
+            .apply_many(tx, &events)
+            .await
+            .map_err(|e| match e {
+                StoreError::Db(e) => HandlerError::from(e),
+                e => HandlerError::Transient(e.to_string()),
+            })?;
+        let mut applied = Vec::with_capacity(results.len());
+        let mut messages = Vec::new();
+        let mut unknown = Vec::new();
+        for ((i, _), result) in valid.iter().zip(results) {
+            match result {
+                Ok(mut a) => {
+                    if !a.changed {
+                        tracing::debug!(parent: &msgs[*i].span, "late or duplicate reply ignored");
+                    }
+                    messages.append(&mut a.messages);
+                    applied.push(a);
+                }
+                Err(e) => {
+                    unknown.push(msgs[*i].envelope.message_id);
+                    outcomes[*i] = Err(HandlerError::Permanent(e.to_string()));
+                }
+            }
+        }
+        // A reply for no saga is dead-lettered; its replay must not look like a duplicate.
+        inbox::forget(tx, &unknown).await?;
+        Ok(BatchWork {
+            outcomes,
+            messages,
+            committed: applied,
+        })
+    }
+
+    fn after_commit(&self, applied: Vec<Applied>) {
+        for a in &applied {
+            a.record_metrics();
         }
     }
 }

@@ -35,9 +35,15 @@ impl Application {
         settings: Settings,
         shutdown: CancellationToken,
     ) -> Result<Self, StartupError> {
-        let runtime =
-            Runtime::connect("orchestrator", &settings.common, &MIGRATOR, shutdown).await?;
-        let store = SagaStore::new(
+        let runtime = Runtime::connect(
+            "orchestrator",
+            &settings.common,
+            Settings::DEFAULT_PORT,
+            &MIGRATOR,
+            shutdown,
+        )
+        .await?;
+        let mut store = SagaStore::new(
             runtime.pool.clone(),
             runtime.outbox.clone(),
             Policy {
@@ -49,6 +55,8 @@ impl Application {
             },
             settings.jaeger_ui_url.clone(),
         );
+        // New orders that arrive together share a transaction; two batches may be in flight.
+        store.start_intake(64, 2);
         Ok(Application {
             runtime,
             settings,
@@ -87,8 +95,7 @@ impl Application {
             rt.shutdown.clone(),
         ));
         let api = api_router(AppState { store: self.store });
-        let addr = self.settings.common.http_addr_or(Settings::DEFAULT_PORT);
-        rt.run(addr, api, vec![consume, sweep]).await
+        rt.run(api, vec![consume, sweep]).await
     }
 }
 

@@ -1,6 +1,7 @@
 //! What the three participants share: the command handler shell (inbox, decision, reply via the
 //! outbox, chaos knobs), chaos settings and the `/chaos` admin endpoint, and start-up.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -10,10 +11,11 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use sqlx::PgConnection;
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
 use saga_shared_events::auth::{Admin, Authorized};
 use saga_shared_events::config::{CommonArgs, parse_rate};
-use saga_shared_events::consumer::{self, Handler, HandlerError, Incoming};
+use saga_shared_events::consumer::{self, BatchWork, GroupCommit, HandlerError, Incoming};
 use saga_shared_events::contract::{Body, Envelope, Participant, STREAM_CMD};
 use saga_shared_events::http::{ApiJson, FieldError, Problem};
 use saga_shared_events::nats::ConsumerSpec;
@@ -125,24 +127,21 @@ async fn put_chaos(
     Ok(Json(new))
 }
 
-/// A participant's business logic: decide the reply to a command inside the transaction that
-/// also records the inbox entry and the reply.
+/// A participant's business logic: decide the replies to a batch of commands inside the
+/// transaction that also records their inbox entries and the replies.
 pub trait Decide: Send + Sync + 'static {
     /// Which participant this is.
     const PARTICIPANT: Participant;
 
-    /// Whether several commands may share one transaction (only when their rows never overlap
-    /// across orders).
-    const BATCHES: bool = true;
-
-    /// Applies `command` (idempotently: a repeat returns the stored decision) and returns the
-    /// reply to send.
+    /// Applies `commands` (each for a different order) with set-based statements, idempotently:
+    /// a command seen before answers with the decision stored the first time. Returns one reply
+    /// per command, or a per-command refusal (invalid content); `Err` fails the whole batch.
     fn decide(
         &self,
         conn: &mut PgConnection,
-        command: &Body,
+        commands: &[&Body],
         chaos: &Chaos,
-    ) -> impl std::future::Future<Output = Result<Body, HandlerError>> + Send;
+    ) -> impl std::future::Future<Output = Result<Vec<Result<Body, HandlerError>>, HandlerError>> + Send;
 }
 
 /// The consumer handler wrapping a participant's `Decide`.
@@ -153,148 +152,147 @@ pub struct CommandHandler<D> {
     chaos: ChaosHandle,
 }
 
-impl<D: Decide> CommandHandler<D> {
-    /// Does one command's work inside `tx`; returns its replies, or `None` for a duplicate.
+impl<D: Decide> GroupCommit for CommandHandler<D> {
+    type Committed = ();
+
+    fn pool(&self) -> &sqlx::PgPool {
+        &self.pool
+    }
+
+    fn outbox(&self) -> &Outbox {
+        &self.outbox
+    }
+
+    async fn before(&self) {
+        let chaos = current(&self.chaos);
+        if chaos.latency_ms > 0 {
+            let ms = chaos.latency_ms + rand::random_range(0..=chaos.latency_ms);
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
+    }
+
+    /// Commands of different orders share one transaction and one statement per step; a batch
+    /// holding the same order twice is refused, so its commands go one by one, in order.
     async fn work(
         &self,
-        tx: &mut sqlx::PgConnection,
-        env: &Envelope,
-        chaos: &Chaos,
-    ) -> Result<Option<Vec<OutgoingMessage>>, HandlerError> {
-        if env.body.order_id() != env.saga_id {
-            return Err(HandlerError::Permanent(
-                "payload order_id differs from saga_id".into(),
-            ));
-        }
-        if !inbox::record(tx, env.message_id).await? {
-            return Ok(None);
-        }
-        let span = tracing::info_span!(
-            "decide",
-            otel.name = %format!("{} {}", D::PARTICIPANT.as_str(), env.body.message_type()),
-            saga_id = %env.saga_id,
-            otel.status_code = tracing::field::Empty,
-            otel.status_description = tracing::field::Empty,
-        );
-        let reply = {
-            use tracing::Instrument;
-            self.decide
-                .decide(tx, &env.body, chaos)
-                .instrument(span.clone())
-                .await?
-        };
-        if let Body::InventoryRejected(r) | Body::PaymentDeclined(r) | Body::ShippingFailed(r) =
-            &reply
-        {
-            span.record("otel.status_code", "ERROR");
-            span.record("otel.status_description", r.reason.as_str());
-        }
-        let mut replies = vec![OutgoingMessage::new(&Envelope::new(
-            env.saga_id,
-            Some(env.message_id),
-            reply.clone(),
-        ))];
-        if chaos.duplicate_rate > 0.0 && rand::random_bool(chaos.duplicate_rate) {
-            replies.push(OutgoingMessage::new(&Envelope::new(
-                env.saga_id,
-                Some(env.message_id),
-                reply,
-            )));
-        }
-        self.outbox.enqueue(tx, &replies).await?;
-        Ok(Some(replies))
-    }
-}
-
-impl<D: Decide> Handler for CommandHandler<D> {
-    /// Commands of different orders in one transaction, in order-id order; if anything fails,
-    /// each command is retried on its own so one bad message cannot hold back the others.
-    async fn handle_batch(&self, mut msgs: Vec<Incoming>) -> Vec<Result<(), HandlerError>> {
-        use tracing::Instrument;
+        tx: &mut PgConnection,
+        msgs: &[Incoming],
+    ) -> Result<BatchWork<()>, HandlerError> {
         let chaos = current(&self.chaos);
-        if chaos.latency_ms > 0 {
-            let ms = chaos.latency_ms + rand::random_range(0..=chaos.latency_ms);
-            tokio::time::sleep(Duration::from_millis(ms)).await;
+        let mut outcomes: Vec<Result<(), HandlerError>> = msgs.iter().map(|_| Ok(())).collect();
+        let mut todo = Vec::with_capacity(msgs.len());
+        let mut orders = HashSet::with_capacity(msgs.len());
+        for (i, m) in msgs.iter().enumerate() {
+            let env = &m.envelope;
+            if env.body.order_id() != env.saga_id {
+                outcomes[i] = Err(HandlerError::Permanent(
+                    "payload order_id differs from saga_id".into(),
+                ));
+            } else if chaos.error_rate > 0.0 && rand::random_bool(chaos.error_rate) {
+                outcomes[i] = Err(HandlerError::Transient("chaos: injected failure".into()));
+            } else if !orders.insert(env.saga_id) {
+                return Err(HandlerError::Transient("one order twice in a batch".into()));
+            } else {
+                todo.push(i);
+            }
         }
-        let mut order: Vec<usize> = (0..msgs.len()).collect();
-        order.sort_by_key(|i| msgs[*i].envelope.saga_id);
-        let mut outcomes: Vec<Option<Result<(), HandlerError>>> =
-            msgs.iter().map(|_| None).collect();
-        let mut all_replies = Vec::new();
-        let batch: Result<(), HandlerError> = async {
-            let mut tx = self.pool.begin().await?;
-            for &i in &order {
-                // Injected before the work here, so the rest of the batch goes on.
-                if chaos.error_rate > 0.0 && rand::random_bool(chaos.error_rate) {
-                    outcomes[i] = Some(Err(HandlerError::Transient(
-                        "chaos: injected failure".into(),
-                    )));
+        let ids: Vec<Uuid> = todo.iter().map(|&i| msgs[i].envelope.message_id).collect();
+        let mut new = inbox::record_many(tx, &ids).await?;
+        // Redeliveries of handled commands are acknowledged without a second reply.
+        todo.retain(|&i| new.remove(&msgs[i].envelope.message_id));
+        todo.sort_by_key(|&i| msgs[i].envelope.saga_id);
+        let spans: Vec<tracing::Span> = todo
+            .iter()
+            .map(|&i| {
+                let env = &msgs[i].envelope;
+                tracing::info_span!(
+                    parent: &msgs[i].span,
+                    "decide",
+                    otel.name = %format!("{} {}", D::PARTICIPANT.as_str(), env.body.message_type()),
+                    saga_id = %env.saga_id,
+                    otel.status_code = tracing::field::Empty,
+                    otel.status_description = tracing::field::Empty,
+                )
+            })
+            .collect();
+        let commands: Vec<&Body> = todo.iter().map(|&i| &msgs[i].envelope.body).collect();
+        let decisions = self.decide.decide(tx, &commands, &chaos).await?;
+        let mut messages = Vec::with_capacity(todo.len());
+        let mut refused = Vec::new();
+        for ((&i, span), decision) in todo.iter().zip(spans).zip(decisions) {
+            let env = &msgs[i].envelope;
+            let reply = match decision {
+                Ok(reply) => reply,
+                Err(e) => {
+                    refused.push(env.message_id);
+                    outcomes[i] = Err(e);
                     continue;
                 }
-                let m = &msgs[i];
-                match self
-                    .work(&mut tx, &m.envelope, &chaos)
-                    .instrument(m.span.clone())
-                    .await
-                {
-                    Ok(replies) => {
-                        all_replies.extend(replies.unwrap_or_default());
-                        outcomes[i] = Some(Ok(()));
-                    }
-                    Err(HandlerError::Permanent(e)) if !is_db_error(&e) => {
-                        // Decided before touching the database (validation): keep going.
-                        outcomes[i] = Some(Err(HandlerError::Permanent(e)));
-                    }
-                    Err(e) => return Err(e),
-                }
+            };
+            if let Body::InventoryRejected(r) | Body::PaymentDeclined(r) | Body::ShippingFailed(r) =
+                &reply
+            {
+                span.record("otel.status_code", "ERROR");
+                span.record("otel.status_description", r.reason.as_str());
             }
-            tx.commit().await?;
-            Ok(())
-        }
-        .instrument(tracing::info_span!(
-            "commit batch",
-            db.system = "postgresql",
-            messages = msgs.len()
-        ))
-        .await;
-        match batch {
-            Ok(()) => {
-                self.outbox.publish_committed(all_replies);
-                outcomes.into_iter().map(|o| o.unwrap_or(Ok(()))).collect()
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, "batch failed; handling its messages one by one");
-                consumer::one_by_one(self, std::mem::take(&mut msgs)).await
+            let _entered = span.enter();
+            let copies = if chaos.duplicate_rate > 0.0 && rand::random_bool(chaos.duplicate_rate) {
+                2
+            } else {
+                1
+            };
+            for _ in 0..copies {
+                messages.push(OutgoingMessage::new(&Envelope::new(
+                    env.saga_id,
+                    Some(env.message_id),
+                    reply.clone(),
+                )));
             }
         }
-    }
-
-    async fn handle(&self, msg: Incoming) -> Result<(), HandlerError> {
-        use tracing::Instrument;
-        let chaos = current(&self.chaos);
-        if chaos.latency_ms > 0 {
-            let ms = chaos.latency_ms + rand::random_range(0..=chaos.latency_ms);
-            tokio::time::sleep(Duration::from_millis(ms)).await;
-        }
-        let mut tx = self.pool.begin().await?;
-        let Some(replies) = self.work(&mut tx, &msg.envelope, &chaos).await? else {
-            tracing::debug!("duplicate command ignored");
-            return Ok(());
-        };
-        if chaos.error_rate > 0.0 && rand::random_bool(chaos.error_rate) {
-            // Injected after the work, before commit: the rollback must leave no trace.
-            return Err(HandlerError::Transient("chaos: injected failure".into()));
-        }
-        tx.commit()
-            .instrument(tracing::info_span!("commit", db.system = "postgresql"))
-            .await?;
-        self.outbox.publish_committed(replies);
-        Ok(())
+        // A refused command is dead-lettered; its replay must not look like a duplicate.
+        inbox::forget(tx, &refused).await?;
+        Ok(BatchWork {
+            outcomes,
+            messages,
+            committed: (),
+        })
     }
 }
 
-fn is_db_error(e: &str) -> bool {
-    e.starts_with("database")
+/// The decision of every order in `ids` after a claim statement: the rows it claimed as it
+/// returned them, the others (decided by an earlier command) read back with `read_earlier`,
+/// whose `$1` is the ids not claimed.
+pub async fn with_earlier<D>(
+    conn: &mut PgConnection,
+    ids: &[Uuid],
+    claimed: Vec<D>,
+    key: fn(&D) -> Uuid,
+    read_earlier: &'static str,
+) -> Result<HashMap<Uuid, D>, sqlx::Error>
+where
+    D: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin,
+{
+    let mut decided: HashMap<Uuid, D> = claimed.into_iter().map(|d| (key(&d), d)).collect();
+    let earlier: Vec<Uuid> = ids
+        .iter()
+        .copied()
+        .filter(|id| !decided.contains_key(id))
+        .collect();
+    if !earlier.is_empty() {
+        let stored: Vec<D> = sqlx::query_as(read_earlier)
+            .bind(&earlier)
+            .fetch_all(&mut *conn)
+            .await?;
+        decided.extend(stored.into_iter().map(|d| (key(&d), d)));
+    }
+    Ok(decided)
+}
+
+/// A batch's answers once every command was looked at; one left unanswered is retried.
+pub fn answers(out: Vec<Option<Result<Body, HandlerError>>>) -> Vec<Result<Body, HandlerError>> {
+    out.into_iter()
+        .map(|o| o.unwrap_or(Err(HandlerError::Transient("undecided".into()))))
+        .collect()
 }
 
 /// Refuses a command meant for another participant (the subject filter should make it
@@ -318,7 +316,7 @@ pub async fn run<D: Decide>(
     shutdown: CancellationToken,
 ) -> Result<(), StartupError> {
     let name = D::PARTICIPANT.as_str();
-    let rt = Runtime::connect(name, common, migrator, shutdown).await?;
+    let rt = Runtime::connect(name, common, default_port, migrator, shutdown).await?;
     let chaos: ChaosHandle = Arc::new(RwLock::new(chaos));
     let handler = Arc::new(CommandHandler {
         pool: rt.pool.clone(),
@@ -333,12 +331,7 @@ pub async fn run<D: Decide>(
         max_deliver: common.consumer_max_deliver as i64,
         ack_wait: Duration::from_secs(10),
         concurrency: common.consumer_concurrency as usize,
-        // Inventory locks shared product rows: batching its commands would invite deadlocks.
-        batch_size: if D::BATCHES {
-            common.consumer_batch as usize
-        } else {
-            1
-        },
+        batch_size: common.consumer_batch as usize,
     };
     let js = rt.js.clone();
     let stop = rt.shutdown.clone();
@@ -349,8 +342,7 @@ pub async fn run<D: Decide>(
         }
     }) as std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
     let router = api(rt.pool.clone()).merge(chaos_router(chaos));
-    let addr = common.http_addr_or(default_port);
-    rt.run(addr, router, vec![consume]).await
+    rt.run(router, vec![consume]).await
 }
 
 /// The entry point every participant binary calls.

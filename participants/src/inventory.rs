@@ -1,6 +1,6 @@
 //! Inventory: holds stock for every line of an order, or for none, and gives it back once.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use axum::extract::{Path, State};
 use axum::routing::get;
@@ -15,7 +15,7 @@ use saga_shared_events::consumer::HandlerError;
 use saga_shared_events::contract::{Body, Line, OrderRef, Participant, Refusal};
 use saga_shared_events::http::{ApiJson, FieldError, Problem};
 
-use crate::common::{Chaos, Decide, check_path_id, internal, wrong_command};
+use crate::common::{Chaos, Decide, answers, check_path_id, internal, wrong_command};
 
 /// Migrations of the inventory database.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/inventory");
@@ -25,151 +25,265 @@ pub struct Inventory;
 
 impl Decide for Inventory {
     const PARTICIPANT: Participant = Participant::Inventory;
-    const BATCHES: bool = false;
 
+    /// Reservation rows first (claims, tombstones, locks, in order-id order), then every product
+    /// the batch touches, locked in product order in one statement so concurrent batches never
+    /// deadlock; stock is checked in memory and written back with one statement.
     async fn decide(
         &self,
         conn: &mut PgConnection,
-        command: &Body,
+        commands: &[&Body],
         _chaos: &Chaos,
-    ) -> Result<Body, HandlerError> {
-        match command {
-            Body::ReserveInventory(c) => reserve(conn, c.order_id, &c.lines).await,
-            Body::ReleaseInventory(c) => release(conn, c.order_id).await,
-            other => Err(wrong_command(Self::PARTICIPANT, other)),
+    ) -> Result<Vec<Result<Body, HandlerError>>, HandlerError> {
+        let mut out: Vec<Option<Result<Body, HandlerError>>> =
+            commands.iter().map(|_| None).collect();
+        let mut reserves: Vec<(usize, Uuid, &[Line])> = Vec::new();
+        let mut releases: Vec<(usize, Uuid)> = Vec::new();
+        for (i, c) in commands.iter().enumerate() {
+            match c {
+                Body::ReserveInventory(c) => {
+                    if c.lines.is_empty() || c.lines.iter().any(|l| l.quantity <= 0) {
+                        out[i] = Some(Err(HandlerError::Permanent(
+                            "reservation lines must be positive".into(),
+                        )));
+                    } else {
+                        reserves.push((i, c.order_id, &c.lines));
+                    }
+                }
+                Body::ReleaseInventory(c) => releases.push((i, c.order_id)),
+                other => out[i] = Some(Err(wrong_command(Self::PARTICIPANT, other))),
+            }
         }
+        let claimed = claim_reservations(conn, &reserves, &mut out).await?;
+        let to_release = claim_releases(conn, &releases, &mut out).await?;
+
+        let mut touched: BTreeSet<&str> = BTreeSet::new();
+        for (_, _, wanted) in &claimed {
+            touched.extend(wanted.keys().copied());
+        }
+        for (_, _, lines) in &to_release {
+            touched.extend(lines.iter().map(|l| l.product_id.as_str()));
+        }
+        let ids: Vec<&str> = touched.into_iter().collect();
+        let mut stock: BTreeMap<String, i64> = if ids.is_empty() {
+            BTreeMap::new()
+        } else {
+            sqlx::query_as::<_, (String, i64)>(
+                "select product_id, available from product where product_id = any($1) \
+                 order by product_id for update",
+            )
+            .bind(&ids)
+            .fetch_all(&mut *conn)
+            .await?
+            .into_iter()
+            .collect()
+        };
+        // Net change per product: (available, reserved).
+        let mut delta: BTreeMap<String, (i64, i64)> = BTreeMap::new();
+        let mut settled: Vec<(Uuid, &str, Option<String>)> = Vec::new();
+        for (i, order_id, lines) in &to_release {
+            for l in lines {
+                let q = i64::from(l.quantity);
+                if let Some(avail) = stock.get_mut(&l.product_id) {
+                    *avail += q;
+                    let d = delta.entry(l.product_id.clone()).or_default();
+                    d.0 += q;
+                    d.1 -= q;
+                }
+            }
+            settled.push((*order_id, "released", None));
+            metrics::counter!("inventory_reservations_total", "result" => "released").increment(1);
+            out[*i] = Some(Ok(Body::InventoryReleased(OrderRef {
+                order_id: *order_id,
+            })));
+        }
+        for (i, order_id, wanted) in &claimed {
+            let mut problems = Vec::new();
+            for (product, qty) in wanted {
+                match stock.get(*product) {
+                    None => problems.push(format!("unknown product {product}")),
+                    Some(avail) if avail < qty => problems.push(format!(
+                        "insufficient stock for {product}: {qty} wanted, {avail} available"
+                    )),
+                    Some(_) => {}
+                }
+            }
+            if problems.is_empty() {
+                for (product, qty) in wanted {
+                    if let Some(avail) = stock.get_mut(*product) {
+                        *avail -= qty;
+                    }
+                    let d = delta.entry((*product).to_owned()).or_default();
+                    d.0 -= qty;
+                    d.1 += qty;
+                }
+                metrics::counter!("inventory_reservations_total", "result" => "reserved")
+                    .increment(1);
+                out[*i] = Some(Ok(Body::InventoryReserved(OrderRef {
+                    order_id: *order_id,
+                })));
+            } else {
+                let reason = problems.join("; ");
+                settled.push((*order_id, "rejected", Some(reason.clone())));
+                metrics::counter!("inventory_reservations_total", "result" => "rejected")
+                    .increment(1);
+                out[*i] = Some(Ok(Body::InventoryRejected(Refusal {
+                    order_id: *order_id,
+                    reason,
+                })));
+            }
+        }
+        delta.retain(|_, d| *d != (0, 0));
+        if !delta.is_empty() {
+            let products: Vec<&str> = delta.keys().map(String::as_str).collect();
+            let available: Vec<i64> = delta.values().map(|d| d.0).collect();
+            let reserved: Vec<i64> = delta.values().map(|d| d.1).collect();
+            sqlx::query(
+                "update product p set available = p.available + t.a, reserved = p.reserved + t.r, \
+                 updated_at = now() from unnest($1::text[], $2::int8[], $3::int8[]) as t(id, a, r) \
+                 where p.product_id = t.id",
+            )
+            .bind(&products)
+            .bind(&available)
+            .bind(&reserved)
+            .execute(&mut *conn)
+            .await?;
+        }
+        if !settled.is_empty() {
+            let orders: Vec<Uuid> = settled.iter().map(|s| s.0).collect();
+            let statuses: Vec<&str> = settled.iter().map(|s| s.1).collect();
+            let reasons: Vec<Option<&str>> = settled.iter().map(|s| s.2.as_deref()).collect();
+            sqlx::query(
+                "update reservation r set status = t.status, reason = coalesce(t.reason, r.reason), \
+                 updated_at = now() from unnest($1::uuid[], $2::text[], $3::text[]) as t(id, status, reason) \
+                 where r.order_id = t.id",
+            )
+            .bind(&orders)
+            .bind(&statuses)
+            .bind(&reasons)
+            .execute(&mut *conn)
+            .await?;
+        }
+        Ok(answers(out))
     }
 }
 
-async fn reserve(
+/// A reservation this batch claimed: index, order and units wanted per product.
+type Claimed<'a> = (usize, Uuid, BTreeMap<&'a str, i64>);
+
+/// Claims the decision of every reservation not decided before (a concurrent duplicate waits,
+/// then reads ours); answers the others from what is stored. Returns the claimed ones.
+async fn claim_reservations<'a>(
     conn: &mut PgConnection,
-    order_id: Uuid,
-    lines: &[Line],
-) -> Result<Body, HandlerError> {
-    if lines.is_empty() || lines.iter().any(|l| l.quantity <= 0) {
-        return Err(HandlerError::Permanent(
-            "reservation lines must be positive".into(),
-        ));
+    reserves: &[(usize, Uuid, &'a [Line])],
+    out: &mut [Option<Result<Body, HandlerError>>],
+) -> Result<Vec<Claimed<'a>>, HandlerError> {
+    if reserves.is_empty() {
+        return Ok(Vec::new());
     }
-    // Claim the decision first: a concurrent duplicate waits here, then reads our decision.
-    let claimed = sqlx::query(
-        "insert into reservation (order_id, status, lines) values ($1, 'reserved', $2) \
-         on conflict do nothing",
+    let ids: Vec<Uuid> = reserves.iter().map(|r| r.1).collect();
+    let lines: Vec<String> = reserves
+        .iter()
+        .map(|r| serde_json::to_string(r.2).unwrap_or_else(|_| "[]".into()))
+        .collect();
+    let new: HashSet<Uuid> = sqlx::query_scalar::<_, Uuid>(
+        "insert into reservation (order_id, status, lines) \
+         select id, 'reserved', lines::jsonb from unnest($1::uuid[], $2::text[]) as t(id, lines) \
+         on conflict do nothing returning order_id",
     )
-    .bind(order_id)
-    .bind(SqlJson(lines))
-    .execute(&mut *conn)
+    .bind(&ids)
+    .bind(&lines)
+    .fetch_all(&mut *conn)
     .await?
-    .rows_affected()
-        == 1;
-    if !claimed {
-        let (status, reason): (String, Option<String>) =
-            sqlx::query_as("select status, reason from reservation where order_id = $1")
-                .bind(order_id)
-                .fetch_one(&mut *conn)
-                .await?;
-        return Ok(match status.as_str() {
-            "reserved" => Body::InventoryReserved(OrderRef { order_id }),
-            "released" => Body::InventoryRejected(Refusal {
+    .into_iter()
+    .collect();
+    let earlier: Vec<Uuid> = ids.iter().copied().filter(|id| !new.contains(id)).collect();
+    let mut stored: HashMap<Uuid, (String, Option<String>)> = HashMap::new();
+    if !earlier.is_empty() {
+        let rows: Vec<(Uuid, String, Option<String>)> = sqlx::query_as(
+            "select order_id, status, reason from reservation where order_id = any($1)",
+        )
+        .bind(&earlier)
+        .fetch_all(&mut *conn)
+        .await?;
+        stored.extend(rows.into_iter().map(|(id, s, r)| (id, (s, r))));
+    }
+    let mut claimed = Vec::new();
+    for &(i, order_id, lines) in reserves {
+        if new.contains(&order_id) {
+            let mut wanted: BTreeMap<&str, i64> = BTreeMap::new();
+            for l in lines {
+                *wanted.entry(l.product_id.as_str()).or_default() += i64::from(l.quantity);
+            }
+            claimed.push((i, order_id, wanted));
+            continue;
+        }
+        out[i] = Some(match stored.remove(&order_id) {
+            Some((status, _)) if status == "reserved" => {
+                Ok(Body::InventoryReserved(OrderRef { order_id }))
+            }
+            Some((status, reason)) => Ok(Body::InventoryRejected(Refusal {
                 order_id,
-                reason: reason
-                    .unwrap_or_else(|| "order was cancelled before the reservation".into()),
-            }),
-            _ => Body::InventoryRejected(Refusal {
-                order_id,
-                reason: reason.unwrap_or_default(),
-            }),
+                reason: reason.unwrap_or_else(|| {
+                    if status == "released" {
+                        "order was cancelled before the reservation".into()
+                    } else {
+                        String::new()
+                    }
+                }),
+            })),
+            None => Err(HandlerError::Transient("reservation vanished".into())),
         });
     }
-    let mut wanted: BTreeMap<&str, i64> = BTreeMap::new();
-    for l in lines {
-        *wanted.entry(l.product_id.as_str()).or_default() += i64::from(l.quantity);
+    Ok(claimed)
+}
+
+/// Leaves a tombstone for each release that comes before its reservation (so the late
+/// reservation is refused, never leaked) and locks the others; returns the held reservations
+/// to give back. Releases with nothing to give back are answered here.
+async fn claim_releases(
+    conn: &mut PgConnection,
+    releases: &[(usize, Uuid)],
+    out: &mut [Option<Result<Body, HandlerError>>],
+) -> Result<Vec<(usize, Uuid, Vec<Line>)>, HandlerError> {
+    if releases.is_empty() {
+        return Ok(Vec::new());
     }
-    let ids: Vec<&str> = wanted.keys().copied().collect();
-    // Locks in product order, so concurrent reservations never deadlock.
-    let stock: Vec<(String, i64)> = sqlx::query_as(
-        "select product_id, available from product where product_id = any($1) \
-         order by product_id for update",
+    let ids: Vec<Uuid> = releases.iter().map(|r| r.1).collect();
+    let tombstones: HashSet<Uuid> = sqlx::query_scalar::<_, Uuid>(
+        "insert into reservation (order_id, status, lines, reason) \
+         select id, 'released', '[]', 'order was cancelled before the reservation' \
+         from unnest($1::uuid[]) as id on conflict do nothing returning order_id",
     )
     .bind(&ids)
     .fetch_all(&mut *conn)
-    .await?;
-    let stock: BTreeMap<String, i64> = stock.into_iter().collect();
-    let mut problems = Vec::new();
-    for (product, qty) in &wanted {
-        match stock.get(*product) {
-            None => problems.push(format!("unknown product {product}")),
-            Some(avail) if avail < qty => problems.push(format!(
-                "insufficient stock for {product}: {qty} wanted, {avail} available"
-            )),
-            Some(_) => {}
-        }
-    }
-    if !problems.is_empty() {
-        let reason = problems.join("; ");
-        sqlx::query("update reservation set status = 'rejected', reason = $2, updated_at = now() where order_id = $1")
-            .bind(order_id)
-            .bind(&reason)
-            .execute(&mut *conn)
-            .await?;
-        metrics::counter!("inventory_reservations_total", "result" => "rejected").increment(1);
-        return Ok(Body::InventoryRejected(Refusal { order_id, reason }));
-    }
-    let qtys: Vec<i64> = wanted.values().copied().collect();
-    sqlx::query(
-        "update product p set available = p.available - t.q, reserved = p.reserved + t.q, \
-         updated_at = now() from unnest($1::text[], $2::int8[]) as t(id, q) where p.product_id = t.id",
-    )
-    .bind(&ids)
-    .bind(&qtys)
-    .execute(&mut *conn)
-    .await?;
-    metrics::counter!("inventory_reservations_total", "result" => "reserved").increment(1);
-    Ok(Body::InventoryReserved(OrderRef { order_id }))
-}
-
-async fn release(conn: &mut PgConnection, order_id: Uuid) -> Result<Body, HandlerError> {
-    // A release before any reservation leaves a tombstone, so the late reservation is refused.
-    let tombstone = sqlx::query(
-        "insert into reservation (order_id, status, lines, reason) \
-         values ($1, 'released', '[]', 'order was cancelled before the reservation') \
-         on conflict do nothing",
-    )
-    .bind(order_id)
-    .execute(&mut *conn)
     .await?
-    .rows_affected()
-        == 1;
-    if !tombstone {
-        let (status, SqlJson(lines)): (String, SqlJson<Vec<Line>>) =
-            sqlx::query_as("select status, lines from reservation where order_id = $1 for update")
-                .bind(order_id)
-                .fetch_one(&mut *conn)
-                .await?;
-        if status == "reserved" {
-            let mut back: BTreeMap<&str, i64> = BTreeMap::new();
-            for l in &lines {
-                *back.entry(l.product_id.as_str()).or_default() += i64::from(l.quantity);
-            }
-            let ids: Vec<&str> = back.keys().copied().collect();
-            let qtys: Vec<i64> = back.values().copied().collect();
-            sqlx::query(
-                "update product p set available = p.available + t.q, reserved = p.reserved - t.q, \
-                 updated_at = now() from unnest($1::text[], $2::int8[]) as t(id, q) \
-                 where p.product_id = t.id",
-            )
-            .bind(&ids)
-            .bind(&qtys)
-            .execute(&mut *conn)
-            .await?;
-            sqlx::query("update reservation set status = 'released', updated_at = now() where order_id = $1")
-                .bind(order_id)
-                .execute(&mut *conn)
-                .await?;
-            metrics::counter!("inventory_reservations_total", "result" => "released").increment(1);
+    .into_iter()
+    .collect();
+    let held: Vec<Uuid> = ids
+        .iter()
+        .copied()
+        .filter(|id| !tombstones.contains(id))
+        .collect();
+    let mut reserved: HashMap<Uuid, Vec<Line>> = HashMap::new();
+    if !held.is_empty() {
+        let rows: Vec<(Uuid, SqlJson<Vec<Line>>)> = sqlx::query_as(
+            "select order_id, lines from reservation where order_id = any($1) \
+             and status = 'reserved' order by order_id for update",
+        )
+        .bind(&held)
+        .fetch_all(&mut *conn)
+        .await?;
+        reserved.extend(rows.into_iter().map(|(id, SqlJson(lines))| (id, lines)));
+    }
+    let mut to_release = Vec::new();
+    for &(i, order_id) in releases {
+        match reserved.remove(&order_id) {
+            Some(lines) => to_release.push((i, order_id, lines)),
+            None => out[i] = Some(Ok(Body::InventoryReleased(OrderRef { order_id }))),
         }
     }
-    Ok(Body::InventoryReleased(OrderRef { order_id }))
+    Ok(to_release)
 }
 
 /// A product's stock.

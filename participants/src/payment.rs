@@ -13,7 +13,7 @@ use saga_shared_events::consumer::HandlerError;
 use saga_shared_events::contract::{Body, ChargePayment, Charged, OrderRef, Participant, Refusal};
 use saga_shared_events::http::Problem;
 
-use crate::common::{Chaos, Decide, internal, wrong_command};
+use crate::common::{Chaos, Decide, answers, internal, with_earlier, wrong_command};
 
 /// Migrations of the payment database.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/payment");
@@ -24,62 +24,91 @@ pub struct Payment;
 impl Decide for Payment {
     const PARTICIPANT: Participant = Participant::Payment;
 
+    /// Charges first, then refunds (a valid order for commands of different orders): one claim
+    /// statement per kind, one read of earlier decisions when there are any.
     async fn decide(
         &self,
         conn: &mut PgConnection,
-        command: &Body,
+        commands: &[&Body],
         chaos: &Chaos,
-    ) -> Result<Body, HandlerError> {
-        match command {
-            Body::ChargePayment(c) => charge(conn, c, chaos.success_rate.unwrap_or(1.0)).await,
-            Body::RefundPayment(c) => refund(conn, c.order_id).await,
-            other => Err(wrong_command(Self::PARTICIPANT, other)),
+    ) -> Result<Vec<Result<Body, HandlerError>>, HandlerError> {
+        let mut out: Vec<Option<Result<Body, HandlerError>>> =
+            commands.iter().map(|_| None).collect();
+        let mut charges: Vec<(usize, &ChargePayment)> = Vec::new();
+        let mut refunds: Vec<(usize, Uuid)> = Vec::new();
+        for (i, c) in commands.iter().enumerate() {
+            match c {
+                Body::ChargePayment(c) if c.amount_cents < 0 => {
+                    out[i] = Some(Err(HandlerError::Permanent("negative amount".into())))
+                }
+                Body::ChargePayment(c) => charges.push((i, c)),
+                Body::RefundPayment(r) => refunds.push((i, r.order_id)),
+                other => out[i] = Some(Err(wrong_command(Self::PARTICIPANT, other))),
+            }
         }
+        charge(conn, &charges, chaos.success_rate.unwrap_or(1.0), &mut out).await?;
+        refund(conn, &refunds, &mut out).await?;
+        Ok(answers(out))
     }
 }
 
+type Decision = (Uuid, String, i64, Option<String>);
+
 async fn charge(
     conn: &mut PgConnection,
-    c: &ChargePayment,
+    charges: &[(usize, &ChargePayment)],
     success_rate: f64,
-) -> Result<Body, HandlerError> {
-    if c.amount_cents < 0 {
-        return Err(HandlerError::Permanent("negative amount".into()));
+    out: &mut [Option<Result<Body, HandlerError>>],
+) -> Result<(), HandlerError> {
+    if charges.is_empty() {
+        return Ok(());
     }
-    let approve = success_rate >= 1.0 || rand::random_bool(success_rate.clamp(0.0, 1.0));
-    let (status, reason) = if approve {
-        ("charged", None)
-    } else {
-        ("declined", Some("card declined by issuer"))
-    };
-    let claimed = sqlx::query(
+    let mut ids = Vec::with_capacity(charges.len());
+    let mut statuses = Vec::with_capacity(charges.len());
+    let mut amounts = Vec::with_capacity(charges.len());
+    let mut customers = Vec::with_capacity(charges.len());
+    let mut reasons = Vec::with_capacity(charges.len());
+    for (_, c) in charges {
+        let approve = success_rate >= 1.0 || rand::random_bool(success_rate.clamp(0.0, 1.0));
+        ids.push(c.order_id);
+        statuses.push(if approve { "charged" } else { "declined" });
+        amounts.push(c.amount_cents);
+        customers.push(c.customer_id.as_str());
+        reasons.push((!approve).then_some("card declined by issuer"));
+    }
+    // Claims the decision of every order not decided before; the rest answer what is stored.
+    let claimed: Vec<Decision> = sqlx::query_as(
         "insert into payment (order_id, status, amount_cents, customer_id, reason) \
-         values ($1, $2, $3, $4, $5) on conflict do nothing",
+         select * from unnest($1::uuid[], $2::text[], $3::int8[], $4::text[], $5::text[]) \
+         on conflict do nothing returning order_id, status, amount_cents, reason",
     )
-    .bind(c.order_id)
-    .bind(status)
-    .bind(c.amount_cents)
-    .bind(&c.customer_id)
-    .bind(reason)
-    .execute(&mut *conn)
-    .await?
-    .rows_affected()
-        == 1;
-    if claimed {
-        metrics::counter!("payments_total", "result" => status).increment(1);
-        return Ok(charge_reply(
-            c.order_id,
-            status,
-            c.amount_cents,
-            reason.map(str::to_owned),
-        ));
+    .bind(&ids)
+    .bind(&statuses)
+    .bind(&amounts)
+    .bind(&customers)
+    .bind(&reasons)
+    .fetch_all(&mut *conn)
+    .await?;
+    for (_, status, _, _) in &claimed {
+        metrics::counter!("payments_total", "result" => status.clone()).increment(1);
     }
-    let (status, amount, reason): (String, i64, Option<String>) =
-        sqlx::query_as("select status, amount_cents, reason from payment where order_id = $1")
-            .bind(c.order_id)
-            .fetch_one(&mut *conn)
-            .await?;
-    Ok(charge_reply(c.order_id, &status, amount, reason))
+    let decided = with_earlier(
+        conn,
+        &ids,
+        claimed,
+        |d| d.0,
+        "select order_id, status, amount_cents, reason from payment where order_id = any($1)",
+    )
+    .await?;
+    for (i, c) in charges {
+        out[*i] = Some(match decided.get(&c.order_id) {
+            Some((id, status, amount, reason)) => {
+                Ok(charge_reply(*id, status, *amount, reason.clone()))
+            }
+            None => Err(HandlerError::Transient("payment decision vanished".into())),
+        });
+    }
+    Ok(())
 }
 
 /// The reply a stored charge decision gives, every time it is asked.
@@ -96,31 +125,45 @@ fn charge_reply(order_id: Uuid, status: &str, amount_cents: i64, reason: Option<
     }
 }
 
-async fn refund(conn: &mut PgConnection, order_id: Uuid) -> Result<Body, HandlerError> {
+async fn refund(
+    conn: &mut PgConnection,
+    refunds: &[(usize, Uuid)],
+    out: &mut [Option<Result<Body, HandlerError>>],
+) -> Result<(), HandlerError> {
+    if refunds.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<Uuid> = refunds.iter().map(|(_, id)| *id).collect();
     // A refund before any charge voids the order's payment, so the late charge is declined.
-    let voided = sqlx::query(
+    let voided: Vec<Uuid> = sqlx::query_scalar(
         "insert into payment (order_id, status, amount_cents, customer_id, reason) \
-         values ($1, 'voided', 0, '', 'order was cancelled before the charge') on conflict do nothing",
+         select id, 'voided', 0, '', 'order was cancelled before the charge' \
+         from unnest($1::uuid[]) as id on conflict do nothing returning order_id",
     )
-    .bind(order_id)
-    .execute(&mut *conn)
-    .await?
-    .rows_affected()
-        == 1;
-    if !voided {
-        let refunded = sqlx::query(
+    .bind(&ids)
+    .fetch_all(&mut *conn)
+    .await?;
+    // A separate statement: its snapshot sees a charge committed while the insert waited on it.
+    let mut refunded = 0;
+    if voided.len() < ids.len() {
+        refunded = sqlx::query(
             "update payment set status = 'refunded', updated_at = now() \
-             where order_id = $1 and status = 'charged'",
+             where order_id = any($1) and status = 'charged'",
         )
-        .bind(order_id)
+        .bind(&ids)
         .execute(&mut *conn)
         .await?
         .rows_affected();
-        if refunded == 1 {
-            metrics::counter!("payments_total", "result" => "refunded").increment(1);
-        }
     }
-    Ok(Body::PaymentRefunded(OrderRef { order_id }))
+    if refunded > 0 {
+        metrics::counter!("payments_total", "result" => "refunded").increment(refunded);
+    }
+    for (i, order_id) in refunds {
+        out[*i] = Some(Ok(Body::PaymentRefunded(OrderRef {
+            order_id: *order_id,
+        })));
+    }
+    Ok(())
 }
 
 /// A payment as the API shows it.

@@ -13,7 +13,7 @@ use saga_shared_events::consumer::HandlerError;
 use saga_shared_events::contract::{Body, OrderRef, Participant, Refusal};
 use saga_shared_events::http::Problem;
 
-use crate::common::{Chaos, Decide, internal, wrong_command};
+use crate::common::{Chaos, Decide, answers, internal, with_earlier, wrong_command};
 
 /// Migrations of the shipping database.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/shipping");
@@ -24,63 +24,95 @@ pub struct Shipping;
 impl Decide for Shipping {
     const PARTICIPANT: Participant = Participant::Shipping;
 
+    /// One claim statement for every command of the batch, one read of earlier decisions when
+    /// there are any.
     async fn decide(
         &self,
         conn: &mut PgConnection,
-        command: &Body,
+        commands: &[&Body],
         chaos: &Chaos,
-    ) -> Result<Body, HandlerError> {
-        let (order_id, customer_id, status, reason) = match command {
-            Body::ShipOrder(c) => {
-                let rate = chaos.success_rate.unwrap_or(1.0);
-                let ok = rate >= 1.0 || rand::random_bool(rate.clamp(0.0, 1.0));
-                if ok {
-                    (c.order_id, c.customer_id.as_str(), "shipped", None)
-                } else {
-                    (
-                        c.order_id,
-                        c.customer_id.as_str(),
-                        "failed",
-                        Some("carrier could not ship the order"),
-                    )
+    ) -> Result<Vec<Result<Body, HandlerError>>, HandlerError> {
+        let rate = chaos.success_rate.unwrap_or(1.0);
+        let mut out: Vec<Option<Result<Body, HandlerError>>> =
+            commands.iter().map(|_| None).collect();
+        let mut idx = Vec::with_capacity(commands.len());
+        let mut ids = Vec::with_capacity(commands.len());
+        let mut statuses = Vec::with_capacity(commands.len());
+        let mut customers = Vec::with_capacity(commands.len());
+        let mut reasons = Vec::with_capacity(commands.len());
+        for (i, command) in commands.iter().enumerate() {
+            let (order_id, customer_id, status, reason) = match command {
+                Body::ShipOrder(c) => {
+                    if rate >= 1.0 || rand::random_bool(rate.clamp(0.0, 1.0)) {
+                        (c.order_id, c.customer_id.as_str(), "shipped", None)
+                    } else {
+                        let reason = Some("carrier could not ship the order");
+                        (c.order_id, c.customer_id.as_str(), "failed", reason)
+                    }
                 }
+                Body::CancelShipment(c) => (
+                    c.order_id,
+                    "",
+                    "cancelled",
+                    Some("shipment cancelled before it went out"),
+                ),
+                other => {
+                    out[i] = Some(Err(wrong_command(Self::PARTICIPANT, other)));
+                    continue;
+                }
+            };
+            idx.push(i);
+            ids.push(order_id);
+            statuses.push(status);
+            customers.push(customer_id);
+            reasons.push(reason);
+        }
+        if !ids.is_empty() {
+            // A cancel that comes first stops the shipment; one that comes late gets the stored
+            // `shipped`.
+            let claimed: Vec<Decision> = sqlx::query_as(
+                "insert into shipment (order_id, status, customer_id, reason) \
+                 select * from unnest($1::uuid[], $2::text[], $3::text[], $4::text[]) \
+                 on conflict do nothing returning order_id, status, reason",
+            )
+            .bind(&ids)
+            .bind(&statuses)
+            .bind(&customers)
+            .bind(&reasons)
+            .fetch_all(&mut *conn)
+            .await?;
+            for (_, status, _) in &claimed {
+                metrics::counter!("shipments_total", "result" => status.clone()).increment(1);
             }
-            Body::CancelShipment(c) => (
-                c.order_id,
-                "",
-                "cancelled",
-                Some("shipment cancelled before it went out"),
-            ),
-            other => return Err(wrong_command(Self::PARTICIPANT, other)),
-        };
-        let claimed = sqlx::query(
-            "insert into shipment (order_id, status, customer_id, reason) values ($1, $2, $3, $4) \
-             on conflict do nothing",
-        )
-        .bind(order_id)
-        .bind(status)
-        .bind(customer_id)
-        .bind(reason)
-        .execute(&mut *conn)
-        .await?
-        .rows_affected()
-            == 1;
-        let (status, reason): (String, Option<String>) = if claimed {
-            metrics::counter!("shipments_total", "result" => status).increment(1);
-            (status.to_owned(), reason.map(str::to_owned))
-        } else {
-            sqlx::query_as("select status, reason from shipment where order_id = $1")
-                .bind(order_id)
-                .fetch_one(&mut *conn)
-                .await?
-        };
-        Ok(match status.as_str() {
-            "shipped" => Body::Shipped(OrderRef { order_id }),
-            _ => Body::ShippingFailed(Refusal {
-                order_id,
-                reason: reason.unwrap_or_else(|| "shipment failed".into()),
-            }),
-        })
+            let mut decided = with_earlier(
+                conn,
+                &ids,
+                claimed,
+                |d| d.0,
+                "select order_id, status, reason from shipment where order_id = any($1)",
+            )
+            .await?;
+            for (&i, order_id) in idx.iter().zip(&ids) {
+                out[i] = Some(match decided.remove(order_id) {
+                    Some((order_id, status, reason)) => Ok(reply(order_id, &status, reason)),
+                    None => Err(HandlerError::Transient("shipping decision vanished".into())),
+                });
+            }
+        }
+        Ok(answers(out))
+    }
+}
+
+type Decision = (Uuid, String, Option<String>);
+
+/// The reply a stored decision gives, every time it is asked.
+fn reply(order_id: Uuid, status: &str, reason: Option<String>) -> Body {
+    match status {
+        "shipped" => Body::Shipped(OrderRef { order_id }),
+        _ => Body::ShippingFailed(Refusal {
+            order_id,
+            reason: reason.unwrap_or_else(|| "shipment failed".into()),
+        }),
     }
 }
 

@@ -35,8 +35,9 @@ pub struct CommonArgs {
           value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub consumer_max_deliver: u32,
     /// Messages that were ready together and are handled in one transaction (group commit);
-    /// 1 turns batching off.
-    #[arg(long, env = "CONSUMER_BATCH", default_value_t = 16,
+    /// 1 turns batching off. Equal to the concurrency by default: one batch in flight, as large as
+    /// what arrived while the previous one committed, measured cheaper than several smaller ones.
+    #[arg(long, env = "CONSUMER_BATCH", default_value_t = 64,
           value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub consumer_batch: u32,
     /// Copies of each JetStream stream (3 on a three-node cluster).

@@ -12,8 +12,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
+use sqlx::{PgConnection, PgPool};
+
 use crate::contract::{DLQ_PREFIX, Envelope, header};
 use crate::nats::{ConsumerSpec, NatsError};
+use crate::outbox::{Outbox, OutgoingMessage};
 use crate::propagation;
 
 /// Largest payload a consumer decodes; larger ones are dead-lettered unread. The biggest valid
@@ -67,8 +70,8 @@ pub trait Handler: Send + Sync + 'static {
     }
 }
 
-/// Handles messages one at a time, each in its own span: the default for a batch, and the
-/// fallback of batching handlers when their batch transaction fails.
+/// Handles messages one at a time, each in its own span: the default for a batch of a handler
+/// that does not batch.
 pub async fn one_by_one<H: Handler + ?Sized>(
     handler: &H,
     msgs: Vec<Incoming>,
@@ -79,6 +82,110 @@ pub async fn one_by_one<H: Handler + ?Sized>(
         out.push(handler.handle(m).instrument(span).await);
     }
     out
+}
+
+/// What a batch of messages did inside its transaction.
+#[derive(Debug)]
+pub struct BatchWork<C> {
+    /// One outcome per message, in the order given.
+    pub outcomes: Vec<Result<(), HandlerError>>,
+    /// Messages to write to the outbox in the same transaction and publish once it committed.
+    pub messages: Vec<OutgoingMessage>,
+    /// What the handler wants back after commit (metrics to record).
+    pub committed: C,
+}
+
+/// A handler that does the work of all messages ready together with a few set-based statements
+/// in one transaction (application-level group commit). Every `GroupCommit` is a [`Handler`]:
+/// inbox, work and outbox commit together; if the batch transaction fails, each message is tried
+/// again in a transaction of its own, so one bad message cannot hold back the others.
+pub trait GroupCommit: Send + Sync + 'static {
+    /// Handed from `work` to `after_commit`.
+    type Committed: Send;
+
+    /// The database.
+    fn pool(&self) -> &PgPool;
+
+    /// The outbox the replies go through.
+    fn outbox(&self) -> &Outbox;
+
+    /// Runs before the transaction begins (fault injection).
+    fn before(&self) -> impl Future<Output = ()> + Send {
+        async {}
+    }
+
+    /// Does the work of `msgs` in `tx` (inbox included). A per-message failure that leaves the
+    /// transaction usable is an outcome; an `Err` rolls back the whole batch.
+    fn work(
+        &self,
+        tx: &mut PgConnection,
+        msgs: &[Incoming],
+    ) -> impl Future<Output = Result<BatchWork<Self::Committed>, HandlerError>> + Send;
+
+    /// Runs once the batch committed.
+    fn after_commit(&self, committed: Self::Committed) {
+        let _ = committed;
+    }
+}
+
+impl<G: GroupCommit> Handler for G {
+    async fn handle(&self, msg: Incoming) -> Result<(), HandlerError> {
+        group_commit(self, vec![msg])
+            .await
+            .pop()
+            .unwrap_or(Err(HandlerError::Transient("no outcome".into())))
+    }
+
+    async fn handle_batch(&self, msgs: Vec<Incoming>) -> Vec<Result<(), HandlerError>> {
+        group_commit(self, msgs).await
+    }
+}
+
+/// Commits `msgs` together; on failure of a batch of several, each message on its own.
+pub async fn group_commit<G: GroupCommit>(
+    handler: &G,
+    msgs: Vec<Incoming>,
+) -> Vec<Result<(), HandlerError>> {
+    handler.before().await;
+    match commit_together(handler, &msgs).await {
+        Ok(outcomes) => outcomes,
+        Err(e) if msgs.len() == 1 => vec![Err(e)],
+        Err(e) => {
+            tracing::debug!(error = %e, "batch failed; handling its messages one by one");
+            let mut outcomes = Vec::with_capacity(msgs.len());
+            for m in msgs {
+                let one = std::slice::from_ref(&m);
+                outcomes.push(match commit_together(handler, one).await {
+                    Ok(mut o) => o.pop().unwrap_or(Ok(())),
+                    Err(e) => Err(e),
+                });
+            }
+            outcomes
+        }
+    }
+}
+
+async fn commit_together<G: GroupCommit>(
+    handler: &G,
+    msgs: &[Incoming],
+) -> Result<Vec<Result<(), HandlerError>>, HandlerError> {
+    let span = tracing::info_span!(
+        "commit batch",
+        db.system = "postgresql",
+        messages = msgs.len()
+    );
+    let work = async {
+        let mut tx = handler.pool().begin().await?;
+        let work = handler.work(&mut tx, msgs).await?;
+        handler.outbox().enqueue(&mut tx, &work.messages).await?;
+        tx.commit().await?;
+        Ok::<_, HandlerError>(work)
+    }
+    .instrument(span)
+    .await?;
+    handler.after_commit(work.committed);
+    handler.outbox().publish_committed(work.messages);
+    Ok(work.outcomes)
 }
 
 /// Pulls from the durable consumer described by `spec` until `shutdown`, then lets the handlers

@@ -3,17 +3,35 @@
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-/// Records `message_id` as handled inside the caller's transaction. Returns `false` when it was
-/// already recorded: the caller skips the work (and, if its transaction rolls back, the record
-/// goes with it, so nothing is marked handled that was not).
-pub async fn record(conn: &mut PgConnection, message_id: Uuid) -> Result<bool, sqlx::Error> {
-    let done = sqlx::query(
-        "insert into processed_message (message_id) values ($1) on conflict do nothing",
+/// Records a batch of message ids in one statement; returns the ids that were new. Ids already
+/// recorded (redeliveries) are left out, so their work is skipped.
+pub async fn record_many(
+    conn: &mut PgConnection,
+    message_ids: &[Uuid],
+) -> Result<std::collections::HashSet<Uuid>, sqlx::Error> {
+    if message_ids.is_empty() {
+        return Ok(Default::default());
+    }
+    let new: Vec<Uuid> = sqlx::query_scalar(
+        "insert into processed_message (message_id) select unnest($1::uuid[]) \
+         on conflict do nothing returning message_id",
     )
-    .bind(message_id)
-    .execute(conn)
+    .bind(message_ids)
+    .fetch_all(conn)
     .await?;
-    Ok(done.rows_affected() == 1)
+    Ok(new.into_iter().collect())
+}
+
+/// Forgets ids recorded in this transaction whose work could not be done (a replay must not look
+/// like a duplicate).
+pub async fn forget(conn: &mut PgConnection, message_ids: &[Uuid]) -> Result<(), sqlx::Error> {
+    if !message_ids.is_empty() {
+        sqlx::query("delete from processed_message where message_id = any($1)")
+            .bind(message_ids)
+            .execute(conn)
+            .await?;
+    }
+    Ok(())
 }
 
 /// Deletes inbox entries older than `keep`, far beyond any redelivery window.

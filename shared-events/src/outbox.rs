@@ -88,7 +88,8 @@ pub const FAST_PATH_GRACE: Duration = Duration::from_secs(2);
 #[derive(Clone)]
 pub struct Outbox {
     js: JetStream,
-    acked: tokio::sync::mpsc::UnboundedSender<Uuid>,
+    /// Rows whose messages were all acknowledged, with their message count.
+    acked: tokio::sync::mpsc::UnboundedSender<(Uuid, u64)>,
     tracker: tokio_util::task::TaskTracker,
     fast_path: bool,
 }
@@ -107,7 +108,7 @@ impl Outbox {
         }
     }
 
-    /// Writes `messages` in the caller's transaction.
+    /// Writes `messages` in the caller's transaction, as one row.
     pub async fn enqueue(
         &self,
         conn: &mut PgConnection,
@@ -121,12 +122,13 @@ impl Outbox {
         enqueue_due_in(conn, messages, grace).await
     }
 
-    /// Publishes rows whose transaction has committed, in the background; each acknowledged row
-    /// is deleted. Failures are left to the relay.
+    /// Publishes the messages of a row whose transaction has committed, in the background; the
+    /// row is deleted once every message was acknowledged. Failures are left to the relay.
     pub fn publish_committed(&self, messages: Vec<OutgoingMessage>) {
         if !self.fast_path || messages.is_empty() {
             return;
         }
+        let row = (messages[0].message_id, messages.len() as u64);
         let js = self.js.clone();
         let acked = self.acked.clone();
         self.tracker.spawn(async move {
@@ -137,18 +139,23 @@ impl Outbox {
                     .publish_with_headers(m.subject, headers, m.payload.into())
                     .await
                 {
-                    Ok(ack) => pending.push((m.message_id, ack)),
-                    Err(e) => tracing::debug!(error = %e, "fast publish failed; relay will retry"),
-                }
-            }
-            for (id, ack) in pending {
-                match tokio::time::timeout(Duration::from_secs(5), ack).await {
-                    Ok(Ok(_)) => {
-                        let _ = acked.send(id);
+                    Ok(ack) => pending.push(ack),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "fast publish failed; relay will retry");
+                        return;
                     }
-                    _ => tracing::debug!("fast publish not acknowledged; relay will retry"),
                 }
             }
+            for ack in pending {
+                if !matches!(
+                    tokio::time::timeout(Duration::from_secs(5), ack).await,
+                    Ok(Ok(_))
+                ) {
+                    tracing::debug!("fast publish not acknowledged; relay will retry");
+                    return;
+                }
+            }
+            let _ = acked.send(row);
         });
     }
 
@@ -168,28 +175,64 @@ fn header_map(headers: &BTreeMap<String, String>) -> HeaderMap {
     map
 }
 
-/// Deletes acknowledged rows in batches: one statement for everything acknowledged meanwhile.
+/// How long acknowledged ids gather before one delete removes them all.
+const DELETE_WINDOW: Duration = Duration::from_millis(20);
+
+/// A one-connection pool for deleting published rows whose commits do not wait for the WAL
+/// flush. Only this clean-up is asynchronous: a delete lost in a crash makes its row reappear,
+/// and the relay publishes it again as a duplicate that `Nats-Msg-Id` and the inbox absorb.
+/// Every state change and every outbox insert still commits synchronously.
+fn cleanup_pool(pool: &PgPool) -> PgPool {
+    let options = (*pool.connect_options())
+        .clone()
+        .options([("synchronous_commit", "off")]);
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_lazy_with(options)
+}
+
+/// Deletes acknowledged rows in batches: one statement for everything acknowledged within a
+/// short window.
 async fn delete_acked(
     pool: PgPool,
-    mut rx: tokio::sync::mpsc::UnboundedReceiver<Uuid>,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<(Uuid, u64)>,
     shutdown: CancellationToken,
 ) {
+    let pool = cleanup_pool(&pool);
     let mut batch = Vec::new();
+    let mut messages = 0;
     loop {
         let first = tokio::select! {
-            id = rx.recv() => id,
+            row = rx.recv() => row,
             _ = shutdown.cancelled() => {
                 // Give in-flight publishes a moment, then flush what arrived.
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 rx.try_recv().ok()
             }
         };
-        let Some(first) = first else { break };
-        batch.push(first);
+        let Some((id, n)) = first else { break };
+        batch.push(id);
+        messages += n;
+        let window = tokio::time::sleep(DELETE_WINDOW);
+        tokio::pin!(window);
         while batch.len() < 1000 {
-            match rx.try_recv() {
-                Ok(id) => batch.push(id),
-                Err(_) => break,
+            tokio::select! {
+                row = rx.recv() => match row {
+                    Some((id, n)) => {
+                        batch.push(id);
+                        messages += n;
+                    }
+                    None => break,
+                },
+                _ = &mut window => break,
+                _ = shutdown.cancelled() => break,
+            }
+        }
+        if shutdown.is_cancelled() {
+            while let Ok((id, n)) = rx.try_recv() {
+                batch.push(id);
+                messages += n;
             }
         }
         let result = sqlx::query("delete from outbox where outbox_id = any($1)")
@@ -198,58 +241,49 @@ async fn delete_acked(
             .await;
         match result {
             Ok(_) => {
-                metrics::counter!("outbox_published_total").increment(batch.len() as u64);
+                metrics::counter!("outbox_published_total").increment(messages);
                 batch.clear();
+                messages = 0;
             }
             // Keep the ids: the next round retries (the relay would republish, harmlessly).
             Err(e) => {
                 tracing::warn!(error = %e, "deleting published outbox rows failed");
+                if shutdown.is_cancelled() {
+                    break;
+                }
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 if batch.len() > 100_000 {
                     batch.clear();
+                    messages = 0;
                 }
             }
         }
         if shutdown.is_cancelled() {
-            while let Ok(id) = rx.try_recv() {
-                batch.push(id);
-            }
-            if !batch.is_empty() {
-                let _ = sqlx::query("delete from outbox where outbox_id = any($1)")
-                    .bind(&batch)
-                    .execute(&pool)
-                    .await;
-            }
             break;
         }
     }
 }
 
-/// Writes messages to the outbox inside the caller's transaction (one statement for all), due
-/// for the relay after `due_in`.
+/// Writes messages to the outbox inside the caller's transaction (one row for all, keyed by
+/// the first message's id), due for the relay after `due_in`.
 async fn enqueue_due_in(
     conn: &mut PgConnection,
     messages: &[OutgoingMessage],
     due_in: Duration,
 ) -> Result<(), sqlx::Error> {
-    if messages.is_empty() {
+    let Some(first) = messages.first() else {
         return Ok(());
-    }
-    let ids: Vec<Uuid> = messages.iter().map(|m| m.message_id).collect();
+    };
     let subjects: Vec<&str> = messages.iter().map(|m| m.subject.as_str()).collect();
-    let headers: Vec<String> = messages
-        .iter()
-        .map(|m| serde_json::to_string(&m.headers).unwrap_or_else(|_| "{}".into()))
-        .collect();
+    let headers: Vec<&BTreeMap<String, String>> = messages.iter().map(|m| &m.headers).collect();
     let payloads: Vec<&[u8]> = messages.iter().map(|m| m.payload.as_slice()).collect();
     sqlx::query(
-        "insert into outbox (outbox_id, subject, headers, payload, next_attempt_at) \
-         select id, subject, headers::jsonb, payload, now() + make_interval(secs => $5) \
-         from unnest($1::uuid[], $2::text[], $3::text[], $4::bytea[]) as t(id, subject, headers, payload)",
+        "insert into outbox (outbox_id, subjects, headers, payloads, next_attempt_at) \
+         values ($1, $2, $3, $4, now() + make_interval(secs => $5))",
     )
-    .bind(&ids)
+    .bind(first.message_id)
     .bind(&subjects)
-    .bind(&headers)
+    .bind(sqlx::types::Json(&headers))
     .bind(&payloads)
     .bind(due_in.as_secs_f64())
     .execute(conn)
@@ -257,7 +291,7 @@ async fn enqueue_due_in(
     Ok(())
 }
 
-/// Rows not yet published (the `outbox_pending` gauge and the audit).
+/// Rows not yet published, counted exactly (the audit).
 pub async fn pending(pool: &PgPool) -> Result<i64, sqlx::Error> {
     sqlx::query_scalar("select count(*) from outbox")
         .fetch_one(pool)
@@ -277,9 +311,9 @@ pub struct Relay {
 
 type Row = (
     Uuid,
-    String,
-    sqlx::types::Json<BTreeMap<String, String>>,
-    Vec<u8>,
+    Vec<String>,
+    sqlx::types::Json<Vec<BTreeMap<String, String>>>,
+    Vec<Vec<u8>>,
 );
 
 impl Relay {
@@ -350,10 +384,10 @@ impl Relay {
         let mut tx = self.pool.begin().await?;
         // Two statements rather than one with `$2 or …`, so the due one can use its index.
         let sql = if flush {
-            "select outbox_id, subject, headers, payload from outbox \
+            "select outbox_id, subjects, headers, payloads from outbox \
              order by created_at limit $1 for update skip locked"
         } else {
-            "select outbox_id, subject, headers, payload from outbox \
+            "select outbox_id, subjects, headers, payloads from outbox \
              where next_attempt_at <= now() order by next_attempt_at limit $1 for update skip locked"
         };
         let rows: Vec<Row> = sqlx::query_as(sql)
@@ -364,33 +398,50 @@ impl Relay {
             return Ok(0);
         }
         let mut pending = Vec::with_capacity(rows.len());
-        for (id, subject, headers, payload) in rows {
-            let map = header_map(&headers.0);
-            let sent = self
-                .js
-                .publish_with_headers(subject, map, payload.into())
-                .await;
+        for (id, subjects, headers, payloads) in rows {
+            let mut sent = Vec::with_capacity(subjects.len());
+            for ((subject, headers), payload) in subjects.into_iter().zip(&headers.0).zip(payloads)
+            {
+                let map = header_map(headers);
+                sent.push(
+                    self.js
+                        .publish_with_headers(subject, map, payload.into())
+                        .await,
+                );
+            }
             pending.push((id, sent));
         }
         let timeout = self.publish_timeout;
+        // A row is done when every one of its messages was acknowledged.
         let acks = join_all(pending.into_iter().map(|(id, sent)| async move {
-            let result = match sent {
-                Ok(ack) => match tokio::time::timeout(timeout, ack).await {
-                    Ok(Ok(_)) => Ok(()),
-                    Ok(Err(e)) => Err(e.to_string()),
-                    Err(_) => Err("timed out waiting for PubAck".to_string()),
-                },
-                Err(e) => Err(e.to_string()),
-            };
+            let count = sent.len() as u64;
+            let mut result = Ok(count);
+            for s in sent {
+                let r = match s {
+                    Ok(ack) => match tokio::time::timeout(timeout, ack).await {
+                        Ok(Ok(_)) => Ok(()),
+                        Ok(Err(e)) => Err(e.to_string()),
+                        Err(_) => Err("timed out waiting for PubAck".to_string()),
+                    },
+                    Err(e) => Err(e.to_string()),
+                };
+                if let Err(e) = r {
+                    result = Err(e);
+                }
+            }
             (id, result)
         }))
         .await;
         let mut done = Vec::new();
         let mut failed = Vec::new();
         let mut last_error = String::new();
+        let mut messages = 0;
         for (id, r) in acks {
             match r {
-                Ok(()) => done.push(id),
+                Ok(n) => {
+                    done.push(id);
+                    messages += n;
+                }
                 Err(e) => {
                     failed.push(id);
                     last_error = e;
@@ -416,7 +467,7 @@ impl Relay {
             .await?;
         }
         tx.commit().await?;
-        metrics::counter!("outbox_published_total").increment(done.len() as u64);
+        metrics::counter!("outbox_published_total").increment(messages);
         Ok(done.len())
     }
 }
@@ -433,11 +484,18 @@ async fn wait_notification(listener: &mut Option<PgListener>) {
     }
 }
 
-/// Keeps the `outbox_pending` gauge current until `shutdown`.
+/// Keeps the `outbox_pending` gauge current until `shutdown`. It reads the table statistics
+/// live-row estimate: an exact `count(*)` scans every dead row the queue's churn leaves behind
+/// and, every few seconds, cost more than the work it watches.
 pub async fn watch_pending(pool: PgPool, shutdown: CancellationToken) {
     loop {
-        if let Ok(n) = pending(&pool).await {
-            metrics::gauge!("outbox_pending").set(n as f64);
+        let estimate: Result<Option<i64>, _> = sqlx::query_scalar(
+            "select n_live_tup from pg_stat_user_tables where relid = 'outbox'::regclass",
+        )
+        .fetch_optional(&pool)
+        .await;
+        if let Ok(Some(n)) = estimate {
+            metrics::gauge!("outbox_pending").set(n.max(0) as f64);
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,

@@ -57,6 +57,9 @@ pub struct Runtime {
     /// Bearer-token verification (`None` with `AUTH_MODE=none`).
     pub auth: Option<Arc<crate::auth::Authenticator>>,
     limits: HttpLimits,
+    /// Bound before anything else, so a taken port fails the start at once; `run` serves it.
+    listener: Arc<std::sync::Mutex<Option<tokio::net::TcpListener>>>,
+    addr: std::net::SocketAddr,
 }
 
 #[derive(Clone, Copy)]
@@ -88,17 +91,25 @@ fn harden(api: Router, limits: &HttpLimits) -> Router {
 }
 
 impl Runtime {
-    /// Connects everything a service needs; the database is created and migrated, the streams
-    /// created or updated.
+    /// Binds the HTTP listener (`HTTP_ADDR`, else `0.0.0.0:default_port`), then connects
+    /// everything a service needs; the database is created and migrated, the streams created or
+    /// updated.
     pub async fn connect(
         service: &'static str,
         common: &CommonArgs,
+        default_port: u16,
         migrator: &Migrator,
         shutdown: CancellationToken,
     ) -> Result<Self, StartupError> {
         let auth = crate::auth::Authenticator::from_args(&common.auth)?;
         let url = common.database_url_or_default(service);
         tracing::info!(service, settings = %common.describe(service), "starting");
+        // Before the slow steps: a port conflict should stop the start in milliseconds, not after
+        // a minute of waiting for Postgres or a JetStream leader.
+        let addr = common.http_addr_or(default_port);
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartupError::Bind { addr, source })?;
         let opts = crate::db::options(&url, service)?;
         let wait = Duration::from_secs(60);
         let pool = crate::db::connect(opts, migrator, common.db_pool_size, wait).await?;
@@ -134,6 +145,8 @@ impl Runtime {
                 max_in_flight: common.http_max_in_flight as usize,
                 timeout: Duration::from_millis(common.http_request_timeout_ms),
             },
+            listener: Arc::new(std::sync::Mutex::new(Some(listener))),
+            addr,
         })
     }
 
@@ -157,20 +170,18 @@ impl Runtime {
         })
     }
 
-    /// Serves `api` plus the operations routes on `addr`, runs the outbox relay and the given
-    /// background tasks, and on shutdown lets them finish (bounded) before returning.
-    pub async fn run<F>(
-        self,
-        addr: std::net::SocketAddr,
-        api: Router,
-        tasks: Vec<F>,
-    ) -> Result<(), StartupError>
+    /// Serves `api` plus the operations routes on the bound listener, runs the outbox relay and
+    /// the given background tasks, and on shutdown lets them finish (bounded) before returning.
+    pub async fn run<F>(self, api: Router, tasks: Vec<F>) -> Result<(), StartupError>
     where
         F: Future<Output = ()> + Send + 'static,
     {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|source| StartupError::Bind { addr, source })?;
+        let addr = self.addr;
+        let taken = self.listener.lock().map(|mut l| l.take()).ok().flatten();
+        let listener = taken.ok_or(StartupError::Bind {
+            addr,
+            source: std::io::Error::other("the listener was already served"),
+        })?;
         let metrics = install_metrics();
         let app = harden(api, &self.limits)
             .layer(crate::auth::layer(self.auth.clone()))

@@ -266,3 +266,64 @@ async fn with_the_fast_path_off_the_relay_alone_delivers_every_message() {
         assert_eq!(stack.outbox_len(svc).await, 0, "{svc} outbox drained");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scarce_stock_is_never_oversold_when_reservations_share_a_batch() {
+    // 60 one-unit orders race for 25 units of one product: inventory decides them in batches
+    // that share the product's row, so each batch must count stock as it goes.
+    let stack = Stack::start().await;
+    let scarce = product("scarce");
+    stack.set_stock(&scarce, 25).await;
+    let ids = stack
+        .create_orders(60, std::slice::from_ref(&scarce), 60)
+        .await;
+    let outcomes = stack.wait_all_terminal(&ids, Duration::from_secs(60)).await;
+    let reserved_orders = ids.len() - outcomes.get("cancelled").copied().unwrap_or(0);
+    assert_eq!(outcomes.values().sum::<usize>(), 60, "{outcomes:?}");
+    stack.wait_quiet().await;
+    let (available, reserved) = stack.stock(&scarce).await;
+    assert_eq!(available + reserved, 25, "stock not conserved");
+    assert!(available >= 0 && reserved >= 0);
+    // Orders ask for 1 or 2 units (see create_orders): the 25 units hold at most 25 orders, and
+    // whatever is held belongs to a shipped order.
+    assert!(reserved_orders <= 25, "{outcomes:?}");
+    assert!(reserved_orders > 0, "{outcomes:?}");
+    let mut held = 0;
+    for id in &ids {
+        let (_, order) = stack.get("orchestrator", &format!("/orders/{id}")).await;
+        if order["status"] == "shipped" {
+            for item in order["items"].as_array().unwrap() {
+                held += item["quantity"].as_i64().unwrap();
+            }
+        }
+    }
+    assert_eq!(reserved, held, "held stock differs from shipped orders");
+    stack.assert_audit_clean(&ids, &[scarce], 25).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_idempotency_key_sent_many_times_at_once_makes_one_order() {
+    // Concurrent requests usually share one insert batch: the key must still win once.
+    let stack = Stack::start().await;
+    let p = product("idem");
+    stack.set_stock(&p, 100).await;
+    let body = saga_e2e_tests::order_body("c1", &[(p.as_str(), 1, 500)]);
+    let key = format!("key-{}", uuid::Uuid::new_v4());
+    let answers = futures_util::future::join_all(
+        (0..20).map(|_| stack.post_order(&body, Some(key.as_str()))),
+    )
+    .await;
+    let mut ids = std::collections::BTreeSet::new();
+    let mut created = 0;
+    for (status, _, order) in &answers {
+        assert!(*status == 202 || *status == 200, "{status} {order}");
+        if *status == 202 {
+            created += 1;
+        }
+        ids.insert(order["id"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(ids.len(), 1, "one key made several orders: {ids:?}");
+    assert_eq!(created, 1, "exactly one request creates the order");
+    let id = ids.into_iter().next().unwrap();
+    assert_eq!(stack.wait_terminal(&id).await["status"], "shipped");
+}

@@ -464,25 +464,46 @@ impl Stack {
         svc.child = Some(child);
     }
 
+    /// Gives a service a new HTTP port (taking effect at its next start).
+    fn move_to_free_port(&mut self, name: &str) {
+        let svc = self.services.get_mut(name).unwrap();
+        svc.port = free_port();
+        let addr = format!("127.0.0.1:{}", svc.port);
+        for (k, v) in svc.env.iter_mut() {
+            if k == "HTTP_ADDR" {
+                *v = addr.clone();
+            }
+        }
+    }
+
     /// Waits until the service's `/readyz` answers 200.
     pub async fn wait_ready(&mut self, name: &str) {
         let url = self.url(name, "/readyz");
         let http = self.http.clone();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         loop {
-            if let Ok(r) = http.get(&url).send().await
-                && r.status().is_success()
-            {
-                return;
-            }
+            // The exit check comes first: a 200 on the port proves nothing if our process died
+            // (another process may own the port now).
             let svc = self.services.get_mut(name).unwrap();
             if let Some(child) = svc.child.as_mut()
                 && let Ok(Some(status)) = child.try_wait()
             {
+                // `free_port` only found the port free: an ephemeral port of some other
+                // connection may have taken it since. Start again on another one.
+                if self.log_tail(name).contains("Address already in use") {
+                    self.move_to_free_port(name);
+                    self.spawn(name);
+                    continue;
+                }
                 panic!(
                     "{name} exited during start-up ({status}):\n{}",
                     self.log_tail(name)
                 );
+            }
+            if let Ok(r) = http.get(&url).send().await
+                && r.status().is_success()
+            {
+                return;
             }
             assert!(
                 tokio::time::Instant::now() < deadline,

@@ -1,13 +1,15 @@
 //! The saga driver: loads a saga under its row lock, feeds the pure machine one event, and writes
 //! the new state, its history row and its outgoing messages (outbox) in the caller's transaction.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use sqlx::types::Json;
 use sqlx::{PgConnection, PgPool};
+use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use saga_shared_events::outbox::{Outbox, OutgoingMessage};
@@ -140,15 +142,86 @@ impl Timing {
 }
 
 type SagaRow = (
+    Uuid,
     Json<State>,
     String,
     i64,
     String,
     Json<Vec<Item>>,
     i64,
+    Option<String>,
+    Option<String>,
     f64,
     f64,
 );
+
+/// A new saga on its way to the batch writer, with where its answer goes.
+type Intake = (NewSaga, oneshot::Sender<Result<Created, StoreError>>);
+
+/// A new saga, decided and ready to be written.
+struct NewSaga {
+    order_id: Uuid,
+    order: NewOrder,
+    key: Option<String>,
+    fingerprint: String,
+    state: State,
+    trace: BTreeMap<String, String>,
+    deadline: Duration,
+    messages: Vec<OutgoingMessage>,
+}
+
+fn to_json(v: &impl Serialize) -> String {
+    serde_json::to_string(v).unwrap_or_default()
+}
+
+/// One event for one saga, with the span its transition belongs under (the consumer span of
+/// the message that carried it).
+#[derive(Debug)]
+pub struct SagaEvent {
+    /// The saga.
+    pub order_id: Uuid,
+    /// What happened.
+    pub event: Event,
+    /// The message that carried it.
+    pub causation_id: Option<Uuid>,
+    /// Parent of the transition span.
+    pub parent: tracing::Span,
+}
+
+/// A saga loaded under its row lock, changed in memory by a batch of events.
+struct Loaded {
+    state: State,
+    status: String,
+    version: i64,
+    customer_id: String,
+    items: Vec<Item>,
+    total_cents: i64,
+    reason: Option<String>,
+    detail: Option<String>,
+    step_seconds: f64,
+    saga_seconds: f64,
+    changed: bool,
+    /// `Some(Some(d))`: due in `d`; `Some(None)`: cleared; `None`: unchanged.
+    deadline: Option<Option<Duration>>,
+}
+
+/// History rows of a batch, as columns.
+#[derive(Default)]
+struct History {
+    order_ids: Vec<Uuid>,
+    from: Vec<String>,
+    to: Vec<String>,
+    event: Vec<&'static str>,
+}
+
+impl History {
+    fn push(&mut self, order_id: Uuid, from: &str, to: &str, event: &'static str) {
+        self.order_ids.push(order_id);
+        self.from.push(from.to_owned());
+        self.to.push(to.to_owned());
+        self.event.push(event);
+    }
+}
 
 /// What applying an event did.
 #[derive(Debug, Clone)]
@@ -209,6 +282,8 @@ pub struct SagaStore {
     policy: Policy,
     timing: Timing,
     jaeger_ui_url: Option<String>,
+    /// Where `create` hands new orders to the batch writer, once started.
+    intake: Option<mpsc::Sender<Intake>>,
 }
 
 impl SagaStore {
@@ -226,6 +301,7 @@ impl SagaStore {
             policy,
             timing,
             jaeger_ui_url,
+            intake: None,
         }
     }
 
@@ -239,8 +315,10 @@ impl SagaStore {
         &self.outbox
     }
 
-    /// Accepts an order and starts its saga in one transaction. With an idempotency key, a repeat
-    /// with the same body returns the first order; with another body, `IdempotencyMismatch`.
+    /// Accepts an order and starts its saga. New orders that arrive together are written in one
+    /// transaction (group commit: a few statements for the whole batch); the caller's answer
+    /// comes after that commit. With an idempotency key, a repeat with the same body returns the
+    /// first order; with another body, `IdempotencyMismatch`.
     pub async fn create(
         &self,
         order: &NewOrder,
@@ -252,13 +330,60 @@ impl SagaStore {
         {
             return Ok(Created::Replayed(existing));
         }
+        let request = self.prepare(
+            order.clone(),
+            idempotency_key.map(str::to_owned),
+            fingerprint,
+        );
+        let Some(intake) = &self.intake else {
+            return self
+                .create_many(vec![request])
+                .await
+                .pop()
+                .unwrap_or_else(|| Err(StoreError::Conflict("order was not written".into())));
+        };
+        let (reply, answer) = oneshot::channel();
+        intake
+            .send((request, reply))
+            .await
+            .map_err(|_| StoreError::Conflict("shutting down".into()))?;
+        answer
+            .await
+            .unwrap_or_else(|_| Err(StoreError::Conflict("shutting down".into())))
+    }
+
+    /// Starts the task that writes new orders in batches; `create` uses it from then on.
+    pub fn start_intake(&mut self, max_batch: usize, parallel: usize) {
+        let (tx, rx) = mpsc::channel::<Intake>(max_batch * parallel * 4);
+        let writer = self.clone();
+        tokio::spawn(async move {
+            let mut rx = rx;
+            futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+                .ready_chunks(max_batch.max(1))
+                .for_each_concurrent(parallel.max(1), |batch| {
+                    let writer = writer.clone();
+                    async move {
+                        let (requests, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+                        let results = writer.create_many(requests).await;
+                        for (reply, result) in replies.into_iter().zip(results) {
+                            let _ = reply.send(result);
+                        }
+                    }
+                })
+                .await;
+        });
+        self.intake = Some(tx);
+    }
+
+    /// Decides a new saga's first step before its row exists, so the saga is written once. Runs
+    /// in the request's span: the saga's trace starts there.
+    fn prepare(&self, order: NewOrder, key: Option<String>, fingerprint: String) -> NewSaga {
         let order_id = Uuid::now_v7();
-        let span = transition_span(order_id, Event::Start.name());
+        let span = transition_span(order_id, Event::Start.name(), &tracing::Span::current());
         span.record("saga.state.from", "");
         span.record("saga.state.to", "created");
         let _enter = span.enter();
         let trace = saga_shared_events::propagation::current_context_fields();
-        // The first step is decided before the row exists, so the saga is written once.
         let (state, effects) =
             machine::apply(State::Created { attempt: 0 }, &Event::Start, self.policy);
         let total = order.total_cents();
@@ -288,59 +413,140 @@ impl SagaStore {
                 _ => {}
             }
         }
-        drop(_enter);
+        NewSaga {
+            order_id,
+            order,
+            key,
+            fingerprint,
+            state,
+            trace,
+            deadline,
+            messages,
+        }
+    }
+
+    /// Writes new sagas in one transaction; if that fails, each on its own. One result each.
+    async fn create_many(&self, sagas: Vec<NewSaga>) -> Vec<Result<Created, StoreError>> {
+        match self.insert_many(&sagas).await {
+            Ok(written) => self.finish_created(sagas, written).await,
+            Err(e) if sagas.len() == 1 => vec![Err(e)],
+            Err(e) => {
+                tracing::debug!(error = %e, "order batch failed; writing its orders one by one");
+                let mut results = Vec::with_capacity(sagas.len());
+                for saga in sagas {
+                    let one = vec![saga];
+                    results.push(match self.insert_many(&one).await {
+                        Ok(written) => self
+                            .finish_created(one, written)
+                            .await
+                            .pop()
+                            .unwrap_or_else(|| Err(StoreError::Conflict("not written".into()))),
+                        Err(e) => Err(e),
+                    });
+                }
+                results
+            }
+        }
+    }
+
+    /// Inserts the orders, their first history rows and their messages; returns when each order
+    /// that was written was created (an order whose idempotency key a concurrent request took
+    /// is not written).
+    async fn insert_many(
+        &self,
+        sagas: &[NewSaga],
+    ) -> Result<HashMap<Uuid, DateTime<Utc>>, StoreError> {
+        let ids: Vec<Uuid> = sagas.iter().map(|s| s.order_id).collect();
+        let customers: Vec<&str> = sagas.iter().map(|s| s.order.customer_id.as_str()).collect();
+        let items: Vec<String> = sagas.iter().map(|s| to_json(&s.order.items)).collect();
+        let totals: Vec<i64> = sagas.iter().map(|s| s.order.total_cents()).collect();
+        let states: Vec<String> = sagas.iter().map(|s| to_json(&s.state)).collect();
+        let statuses: Vec<&str> = sagas.iter().map(|s| s.state.status()).collect();
+        let traces: Vec<String> = sagas.iter().map(|s| to_json(&s.trace)).collect();
+        let keys: Vec<Option<&str>> = sagas.iter().map(|s| s.key.as_deref()).collect();
+        let fingerprints: Vec<&str> = sagas.iter().map(|s| s.fingerprint.as_str()).collect();
+        let deadlines: Vec<f64> = sagas.iter().map(|s| s.deadline.as_secs_f64()).collect();
         let mut tx = self.pool.begin().await?;
-        let inserted: Option<(DateTime<Utc>,)> = sqlx::query_as(
-            "insert into saga_order (order_id, customer_id, items, total_cents, state, status, \
-             trace_context, idempotency_key, request_fingerprint, deadline_at) \
-             values ($1, $2, $3, $4, $5, $6, $7, $8, $9, now() + make_interval(secs => $10)) \
-             on conflict (idempotency_key) do nothing returning created_at",
+        let written: Vec<(Uuid, DateTime<Utc>)> = sqlx::query_as(
+            "with o as (insert into saga_order (order_id, customer_id, items, total_cents, state, \
+               status, trace_context, idempotency_key, request_fingerprint, deadline_at) \
+               select id, customer, items::jsonb, total, state::jsonb, status, trace::jsonb, key, fp, \
+                      now() + make_interval(secs => deadline) \
+               from unnest($1::uuid[], $2::text[], $3::text[], $4::int8[], $5::text[], $6::text[], \
+                           $7::text[], $8::text[], $9::text[], $10::float8[]) \
+                    as t(id, customer, items, total, state, status, trace, key, fp, deadline) \
+               on conflict (idempotency_key) where idempotency_key is not null do nothing \
+               returning order_id, status, created_at), \
+             h as (insert into saga_transition (order_id, from_status, to_status, event) \
+               select order_id, null, status, 'order_created' from o) \
+             select order_id, created_at from o",
         )
-        .bind(order_id)
-        .bind(&order.customer_id)
-        .bind(Json(&order.items))
-        .bind(total)
-        .bind(Json(&state))
-        .bind(state.status())
-        .bind(Json(&trace))
-        .bind(idempotency_key)
-        .bind(&fingerprint)
-        .bind(deadline.as_secs_f64())
-        .fetch_optional(&mut *tx)
+        .bind(&ids)
+        .bind(&customers)
+        .bind(&items)
+        .bind(&totals)
+        .bind(&states)
+        .bind(&statuses)
+        .bind(&traces)
+        .bind(&keys)
+        .bind(&fingerprints)
+        .bind(&deadlines)
+        .fetch_all(&mut *tx)
         .await?;
-        let Some((created_at,)) = inserted else {
-            // A concurrent request with the same key won the race.
-            tx.rollback().await?;
-            let key = idempotency_key.unwrap_or_default();
-            return match self.find_by_key(key, &fingerprint).await? {
-                Some(v) => Ok(Created::Replayed(v)),
-                None => Err(StoreError::Conflict("idempotency key race".into())),
-            };
-        };
-        insert_transition(&mut tx, order_id, None, state.status(), "order_created").await?;
+        let written: HashMap<Uuid, DateTime<Utc>> = written.into_iter().collect();
+        let messages: Vec<OutgoingMessage> = sagas
+            .iter()
+            .filter(|s| written.contains_key(&s.order_id))
+            .flat_map(|s| s.messages.iter().cloned())
+            .collect();
         self.outbox.enqueue(&mut tx, &messages).await?;
         tx.commit().await?;
         self.outbox.publish_committed(messages);
-        metrics::counter!("sagas_started_total").increment(1);
-        let mut view = self.view((
-            order_id,
-            order.customer_id.clone(),
-            Json(order.items.clone()),
-            total,
-            state.status().to_owned(),
-            None,
-            None,
-            created_at,
-            created_at,
-            Json(trace),
-        ));
-        view.history = vec![Transition {
-            from: None,
-            to: state.status().to_owned(),
-            event: "order_created".into(),
-            at: created_at,
-        }];
-        Ok(Created::New(view))
+        Ok(written)
+    }
+
+    /// The answers for a committed batch: the new orders, and for an idempotency key a
+    /// concurrent request took, that request's order.
+    async fn finish_created(
+        &self,
+        sagas: Vec<NewSaga>,
+        written: HashMap<Uuid, DateTime<Utc>>,
+    ) -> Vec<Result<Created, StoreError>> {
+        let mut results = Vec::with_capacity(sagas.len());
+        for s in sagas {
+            let Some(&created_at) = written.get(&s.order_id) else {
+                let key = s.key.as_deref().unwrap_or_default();
+                results.push(match self.find_by_key(key, &s.fingerprint).await {
+                    Ok(Some(v)) => Ok(Created::Replayed(v)),
+                    Ok(None) => Err(StoreError::Conflict("idempotency key race".into())),
+                    Err(e) => Err(e),
+                });
+                continue;
+            };
+            metrics::counter!("sagas_started_total").increment(1);
+            let total = s.order.total_cents();
+            let status = s.state.status().to_owned();
+            let mut view = self.view((
+                s.order_id,
+                s.order.customer_id,
+                Json(s.order.items),
+                total,
+                status.clone(),
+                None,
+                None,
+                created_at,
+                created_at,
+                Json(s.trace),
+            ));
+            view.history = vec![Transition {
+                from: None,
+                to: status,
+                event: "order_created".into(),
+                at: created_at,
+            }];
+            results.push(Ok(Created::New(view)));
+        }
+        results
     }
 
     async fn find_by_key(
@@ -383,42 +589,86 @@ impl SagaStore {
         event: &Event,
         causation_id: Option<Uuid>,
     ) -> Result<Applied, StoreError> {
-        use tracing::Instrument;
-        self.transition(conn, order_id, event, causation_id)
-            .instrument(transition_span(order_id, event.name()))
-            .await
+        let one = SagaEvent {
+            order_id,
+            event: event.clone(),
+            causation_id,
+            parent: tracing::Span::current(),
+        };
+        let applied = self
+            .apply_many(conn, std::slice::from_ref(&one))
+            .await?
+            .pop()
+            .unwrap_or(Err(StoreError::NotFound(order_id)))?;
+        self.outbox.enqueue(conn, &applied.messages).await?;
+        Ok(applied)
     }
 
-    async fn transition(
+    /// Feeds events to their sagas inside the caller's transaction with three statements for the
+    /// whole batch: lock every saga (in id order, so concurrent batches cannot deadlock), run the
+    /// machine in memory (events of one saga in the order given), then write states and history.
+    /// Returns one result per event (`NotFound` for an unknown saga); the caller writes the
+    /// returned messages to the outbox.
+    pub async fn apply_many(
         &self,
         conn: &mut PgConnection,
-        order_id: Uuid,
-        event: &Event,
-        causation_id: Option<Uuid>,
-    ) -> Result<Applied, StoreError> {
-        let row: Option<SagaRow> = sqlx::query_as(
-            "select state, status, version, customer_id, items, total_cents, \
+        events: &[SagaEvent],
+    ) -> Result<Vec<Result<Applied, StoreError>>, StoreError> {
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut ids: Vec<Uuid> = events.iter().map(|e| e.order_id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let rows: Vec<SagaRow> = sqlx::query_as(
+            "select order_id, state, status, version, customer_id, items, total_cents, \
+             cancel_reason, cancel_detail, \
              extract(epoch from clock_timestamp() - updated_at)::float8, \
              extract(epoch from clock_timestamp() - created_at)::float8 \
-             from saga_order where order_id = $1 for update",
+             from saga_order where order_id = any($1) order by order_id for update",
         )
-        .bind(order_id)
-        .fetch_optional(&mut *conn)
+        .bind(&ids)
+        .fetch_all(&mut *conn)
         .await?;
-        let Some((
-            Json(state),
-            from,
-            version,
-            customer_id,
-            Json(items),
-            total_cents,
-            step_seconds,
-            saga_seconds,
-        )) = row
-        else {
-            return Err(StoreError::NotFound(order_id));
-        };
-        let (next, effects) = machine::apply(state.clone(), event, self.policy);
+        let mut sagas: HashMap<Uuid, Loaded> = rows
+            .into_iter()
+            .map(|r| {
+                let loaded = Loaded {
+                    state: r.1.0,
+                    status: r.2,
+                    version: r.3,
+                    customer_id: r.4,
+                    items: r.5.0,
+                    total_cents: r.6,
+                    reason: r.7,
+                    detail: r.8,
+                    step_seconds: r.9,
+                    saga_seconds: r.10,
+                    changed: false,
+                    deadline: None,
+                };
+                (r.0, loaded)
+            })
+            .collect();
+        let mut history = History::default();
+        let mut results = Vec::with_capacity(events.len());
+        for e in events {
+            let Some(saga) = sagas.get_mut(&e.order_id) else {
+                results.push(Err(StoreError::NotFound(e.order_id)));
+                continue;
+            };
+            let span = transition_span(e.order_id, e.event.name(), &e.parent);
+            let applied = span.in_scope(|| self.step(e, saga, &mut history));
+            results.push(Ok(applied));
+        }
+        self.write(conn, &sagas, &history).await?;
+        Ok(results)
+    }
+
+    /// Runs the machine for one event on a loaded saga (inside the event's transition span).
+    fn step(&self, e: &SagaEvent, saga: &mut Loaded, history: &mut History) -> Applied {
+        let (next, effects) = machine::apply(saga.state.clone(), &e.event, self.policy);
+        let from = saga.status.clone();
         let to = next.status();
         let span = tracing::Span::current();
         span.record("saga.state.from", from.as_str());
@@ -435,106 +685,152 @@ impl SagaStore {
                 span.record("otel.status_description", msg.as_str());
             }
         }
-        if next == state && effects.is_empty() {
-            return Ok(Applied {
-                from: from.clone(),
-                to: from,
-                finished: None,
-                changed: false,
-                step_seconds,
-                saga_seconds,
-                messages: Vec::new(),
-            });
+        let mut applied = Applied {
+            from: from.clone(),
+            to: to.into(),
+            finished: None,
+            changed: false,
+            step_seconds: saga.step_seconds,
+            saga_seconds: saga.saga_seconds,
+            messages: Vec::new(),
+        };
+        if next == saga.state && effects.is_empty() {
+            applied.to = from;
+            return applied;
         }
-
-        let mut messages = Vec::new();
-        let mut deadline: Option<Option<Duration>> = None;
-        let mut reason: Option<(CancelReason, String)> = None;
-        let mut finished = None;
+        let order_id = e.order_id;
         for effect in &effects {
             match effect {
                 Effect::Send(step) => {
-                    let body = command(*step, order_id, &customer_id, &items, total_cents);
-                    messages.push(OutgoingMessage::new(&Envelope::new(
+                    let body = command(
+                        *step,
                         order_id,
-                        causation_id,
+                        &saga.customer_id,
+                        &saga.items,
+                        saga.total_cents,
+                    );
+                    applied.messages.push(OutgoingMessage::new(&Envelope::new(
+                        order_id,
+                        e.causation_id,
                         body,
                     )));
                 }
                 Effect::ArmDeadline {
                     attempt,
                     compensating,
-                } => deadline = Some(Some(self.timing.deadline_after(*attempt, *compensating))),
-                Effect::ClearDeadline => deadline = Some(None),
-                Effect::SetReason(r, d) => reason = Some((*r, d.clone())),
-                Effect::Finish(end) => finished = Some(*end),
+                } => {
+                    saga.deadline = Some(Some(self.timing.deadline_after(*attempt, *compensating)))
+                }
+                Effect::ClearDeadline => saga.deadline = Some(None),
+                Effect::SetReason(r, d) => {
+                    saga.reason = Some(r.as_str().to_owned());
+                    saga.detail = Some(d.clone());
+                }
+                Effect::Finish(end) => applied.finished = Some(*end),
             }
         }
-        let deadline_ms: Option<i64> = deadline.flatten().map(|d| d.as_millis() as i64);
-        // State, version, deadline, reason and the history row in one round trip; the stored
-        // reason comes back for the terminal order event.
-        let updated: Option<(Option<String>, Option<String>)> = sqlx::query_as(
-            "with u as (update saga_order set state = $3, status = $4, version = version + 1, \
-               deadline_at = case when $5 then now() + make_interval(secs => $6::float8 / 1000) \
-                                  when $7 then null else deadline_at end, \
-               cancel_reason = coalesce($8, cancel_reason), \
-               cancel_detail = coalesce($9, cancel_detail), updated_at = now() \
-               where order_id = $1 and version = $2 returning order_id, cancel_reason, cancel_detail), \
-             t as (insert into saga_transition (order_id, from_status, to_status, event) \
-               select order_id, $10, $4, $11 from u where $10 <> $4) \
-             select cancel_reason, cancel_detail from u",
-        )
-        .bind(order_id)
-        .bind(version)
-        .bind(Json(&next))
-        .bind(to)
-        .bind(deadline_ms.is_some())
-        .bind(deadline_ms.unwrap_or(0) as f64)
-        .bind(matches!(deadline, Some(None)))
-        .bind(reason.as_ref().map(|(r, _)| r.as_str()))
-        .bind(reason.as_ref().map(|(_, d)| d.as_str()))
-        .bind(from.as_str())
-        .bind(event.name())
-        .fetch_optional(&mut *conn)
-        .await?;
-        let Some((stored_reason, stored_detail)) = updated else {
-            return Err(StoreError::Conflict(format!(
-                "saga {order_id} changed concurrently"
-            )));
-        };
         if from != to {
-            tracing::debug!(saga_id = %order_id, from = %from, to, event = event.name(), "saga transition");
+            history.push(order_id, &from, to, e.event.name());
+            tracing::debug!(saga_id = %order_id, from = %from, to, event = e.event.name(), "saga transition");
         }
-        if let Some(end) = finished {
+        if let Some(end) = applied.finished {
             let ev = OrderEvent {
                 order_id,
                 status: to.into(),
-                cancel_reason: stored_reason.as_deref().and_then(CancelReason::parse),
-                cancel_detail: stored_detail,
-                total_cents,
+                cancel_reason: saga.reason.as_deref().and_then(CancelReason::parse),
+                cancel_detail: saga.detail.clone(),
+                total_cents: saga.total_cents,
             };
             let body = match end {
                 SagaEnd::Completed => Body::OrderCompleted(ev),
                 SagaEnd::Cancelled => Body::OrderCancelled(ev),
                 SagaEnd::Failed => Body::OrderFailed(ev),
             };
-            messages.push(OutgoingMessage::new(&Envelope::new(
+            applied.messages.push(OutgoingMessage::new(&Envelope::new(
                 order_id,
-                causation_id,
+                e.causation_id,
                 body,
             )));
-            tracing::info!(saga_id = %order_id, status = to, reason = ?stored_reason, "saga ended");
+            tracing::info!(saga_id = %order_id, status = to, reason = ?saga.reason, "saga ended");
         }
-        self.outbox.enqueue(conn, &messages).await?;
-        Ok(Applied {
-            from,
-            to: to.into(),
-            finished,
-            changed: true,
-            step_seconds,
-            saga_seconds,
-            messages,
-        })
+        saga.state = next;
+        saga.status = to.to_owned();
+        saga.changed = true;
+        // A second event of the same saga in this batch follows right after this one.
+        saga.step_seconds = 0.0;
+        applied.changed = true;
+        applied
+    }
+
+    /// Writes every changed saga and the history rows in one statement; the row locks make the
+    /// version check a guard against bugs, not races.
+    async fn write(
+        &self,
+        conn: &mut PgConnection,
+        sagas: &HashMap<Uuid, Loaded>,
+        history: &History,
+    ) -> Result<(), StoreError> {
+        let changed: Vec<(&Uuid, &Loaded)> = sagas.iter().filter(|(_, s)| s.changed).collect();
+        if changed.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<Uuid> = changed.iter().map(|(id, _)| **id).collect();
+        let versions: Vec<i64> = changed.iter().map(|(_, s)| s.version).collect();
+        let states: Vec<String> = changed
+            .iter()
+            .map(|(_, s)| serde_json::to_string(&s.state).unwrap_or_default())
+            .collect();
+        let statuses: Vec<&str> = changed.iter().map(|(_, s)| s.status.as_str()).collect();
+        // Deadline: 0 keeps it, 1 sets it to now + ms, 2 clears it.
+        let modes: Vec<i16> = changed
+            .iter()
+            .map(|(_, s)| match s.deadline {
+                None => 0,
+                Some(Some(_)) => 1,
+                Some(None) => 2,
+            })
+            .collect();
+        let millis: Vec<f64> = changed
+            .iter()
+            .map(|(_, s)| {
+                s.deadline
+                    .flatten()
+                    .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+            })
+            .collect();
+        let reasons: Vec<Option<&str>> = changed.iter().map(|(_, s)| s.reason.as_deref()).collect();
+        let details: Vec<Option<&str>> = changed.iter().map(|(_, s)| s.detail.as_deref()).collect();
+        let updated: i64 = sqlx::query_scalar(
+            "with u as (update saga_order s set state = v.state::jsonb, status = v.status, \
+               version = s.version + 1, \
+               deadline_at = case v.mode when 1 then now() + make_interval(secs => v.ms / 1000) \
+                                         when 2 then null else s.deadline_at end, \
+               cancel_reason = v.reason, cancel_detail = v.detail, updated_at = now() \
+               from unnest($1::uuid[], $2::int8[], $3::text[], $4::text[], $5::int2[], $6::float8[], \
+                           $7::text[], $8::text[]) as v(id, version, state, status, mode, ms, reason, detail) \
+               where s.order_id = v.id and s.version = v.version returning s.order_id), \
+             t as (insert into saga_transition (order_id, from_status, to_status, event) \
+               select * from unnest($9::uuid[], $10::text[], $11::text[], $12::text[])) \
+             select count(*) from u",
+        )
+        .bind(&ids)
+        .bind(&versions)
+        .bind(&states)
+        .bind(&statuses)
+        .bind(&modes)
+        .bind(&millis)
+        .bind(&reasons)
+        .bind(&details)
+        .bind(&history.order_ids)
+        .bind(&history.from)
+        .bind(&history.to)
+        .bind(&history.event)
+        .fetch_one(&mut *conn)
+        .await?;
+        if updated != ids.len() as i64 {
+            return Err(StoreError::Conflict("sagas changed concurrently".into()));
+        }
+        Ok(())
     }
 
     /// The order with its history.
@@ -642,23 +938,36 @@ impl SagaStore {
         .bind(limit)
         .fetch_all(&mut *tx)
         .await?;
-        let mut applied = Vec::with_capacity(due.len());
-        for (order_id, Json(trace)) in &due {
-            use tracing::Instrument;
-            use tracing_opentelemetry::OpenTelemetrySpanExt;
-            let span = tracing::info_span!("saga deadline", saga_id = %order_id);
-            let _ = span.set_parent(saga_shared_events::propagation::context_from_fields(trace));
-            applied.push(
-                self.apply_locked(&mut tx, *order_id, &Event::StepTimedOut, None)
-                    .instrument(span)
-                    .await?,
-            );
-        }
+        let events: Vec<SagaEvent> = due
+            .iter()
+            .map(|(order_id, Json(trace))| {
+                use tracing_opentelemetry::OpenTelemetrySpanExt;
+                let span = tracing::info_span!("saga deadline", saga_id = %order_id);
+                let _ =
+                    span.set_parent(saga_shared_events::propagation::context_from_fields(trace));
+                SagaEvent {
+                    order_id: *order_id,
+                    event: Event::StepTimedOut,
+                    causation_id: None,
+                    parent: span,
+                }
+            })
+            .collect();
+        let mut applied: Vec<Applied> = self
+            .apply_many(&mut tx, &events)
+            .await?
+            .into_iter()
+            .collect::<Result<_, _>>()?;
+        let messages: Vec<OutgoingMessage> = applied
+            .iter_mut()
+            .flat_map(|a| std::mem::take(&mut a.messages))
+            .collect();
+        self.outbox.enqueue(&mut tx, &messages).await?;
         tx.commit().await?;
-        for a in applied {
+        for a in &applied {
             a.record_metrics();
-            self.outbox.publish_committed(a.messages);
         }
+        self.outbox.publish_committed(messages);
         Ok(due.len())
     }
 
@@ -719,8 +1028,9 @@ const VIEW_SELECT_BY_ID: &str = "select order_id, customer_id, items, total_cent
      from saga_order where order_id = $1";
 
 /// The span of one saga transition; `from`, `to` and the status are recorded once known.
-fn transition_span(order_id: Uuid, event: &'static str) -> tracing::Span {
+fn transition_span(order_id: Uuid, event: &'static str, parent: &tracing::Span) -> tracing::Span {
     tracing::info_span!(
+        parent: parent,
         "saga transition",
         otel.name = %format!("saga {event}"),
         saga.id = %order_id,
@@ -732,25 +1042,6 @@ fn transition_span(order_id: Uuid, event: &'static str) -> tracing::Span {
         otel.status_description = tracing::field::Empty,
         saga_id = %order_id,
     )
-}
-
-async fn insert_transition(
-    conn: &mut PgConnection,
-    order_id: Uuid,
-    from: Option<&str>,
-    to: &str,
-    event: &str,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "insert into saga_transition (order_id, from_status, to_status, event) values ($1, $2, $3, $4)",
-    )
-    .bind(order_id)
-    .bind(from)
-    .bind(to)
-    .bind(event)
-    .execute(conn)
-    .await?;
-    Ok(())
 }
 
 /// The command a step sends, built from the order.

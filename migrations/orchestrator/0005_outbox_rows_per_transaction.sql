@@ -1,0 +1,1 @@
+../messaging/0005_outbox_rows_per_transaction.sql

@@ -1,0 +1,1 @@
+../messaging/0004_inbox_age_brin.sql

@@ -604,9 +604,12 @@ impl SagaStore {
         Ok(applied)
     }
 
-    /// Feeds events to their sagas inside the caller's transaction with three statements for the
-    /// whole batch: lock every saga (in id order, so concurrent batches cannot deadlock), run the
-    /// machine in memory (events of one saga in the order given), then write states and history.
+    /// Feeds events to their sagas inside the caller's transaction with two statements for the
+    /// whole batch: read every saga, run the machine in memory (events of one saga in the order
+    /// given), then write states and history. Concurrency is optimistic: the write checks each
+    /// saga's version, and a saga changed meanwhile (by another replica, the sweeper or an
+    /// operator) fails the batch with `Conflict`, to be retried. Locking up front would cost a
+    /// row lock, and its WAL record, per saga on every step, for a race that is rare.
     /// Returns one result per event (`NotFound` for an unknown saga); the caller writes the
     /// returned messages to the outbox.
     pub async fn apply_many(
@@ -625,7 +628,7 @@ impl SagaStore {
              cancel_reason, cancel_detail, \
              extract(epoch from clock_timestamp() - updated_at)::float8, \
              extract(epoch from clock_timestamp() - created_at)::float8 \
-             from saga_order where order_id = any($1) order by order_id for update",
+             from saga_order where order_id = any($1)",
         )
         .bind(&ids)
         .fetch_all(&mut *conn)
@@ -762,15 +765,16 @@ impl SagaStore {
         applied
     }
 
-    /// Writes every changed saga and the history rows in one statement; the row locks make the
-    /// version check a guard against bugs, not races.
+    /// Writes every changed saga and the history rows in one statement, if no saga changed since
+    /// it was read. Rows are updated in id order, so concurrent batches cannot deadlock.
     async fn write(
         &self,
         conn: &mut PgConnection,
         sagas: &HashMap<Uuid, Loaded>,
         history: &History,
     ) -> Result<(), StoreError> {
-        let changed: Vec<(&Uuid, &Loaded)> = sagas.iter().filter(|(_, s)| s.changed).collect();
+        let mut changed: Vec<(&Uuid, &Loaded)> = sagas.iter().filter(|(_, s)| s.changed).collect();
+        changed.sort_unstable_by_key(|(id, _)| **id);
         if changed.is_empty() {
             return Ok(());
         }

@@ -1,0 +1,1 @@
+../messaging/0007_outbox_lz4.sql

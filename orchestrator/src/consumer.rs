@@ -6,7 +6,7 @@ use uuid::Uuid;
 use saga_shared_events::Body;
 use saga_shared_events::consumer::{BatchWork, GroupCommit, HandlerError, Incoming};
 use saga_shared_events::inbox;
-use saga_shared_events::outbox::Outbox;
+use saga_shared_events::outbox::{Outbox, OutgoingMessage};
 
 use crate::saga::machine::Event;
 use crate::saga::store::{Applied, SagaEvent, SagaStore, StoreError};
@@ -51,7 +51,8 @@ pub fn event_of(body: &Body) -> Option<Event> {
 }
 
 impl GroupCommit for ReplyHandler {
-    type Committed = Vec<Applied>;
+    /// The transitions, and the messages the store already wrote to the outbox.
+    type Committed = (Vec<Applied>, Vec<OutgoingMessage>);
 
     fn pool(&self) -> &PgPool {
         self.store.pool()
@@ -67,7 +68,7 @@ impl GroupCommit for ReplyHandler {
         &self,
         tx: &mut PgConnection,
         msgs: &[Incoming],
-    ) -> Result<BatchWork<Vec<Applied>>, HandlerError> {
+    ) -> Result<BatchWork<Self::Committed>, HandlerError> {
         let mut outcomes: Vec<Result<(), HandlerError>> = msgs.iter().map(|_| Ok(())).collect();
         let mut valid = Vec::with_capacity(msgs.len());
         for (i, m) in msgs.iter().enumerate() {
@@ -93,7 +94,7 @@ impl GroupCommit for ReplyHandler {
                 parent: msgs[*i].span.clone(),
             })
             .collect();
-        let results = self
+        let batch = self
             .store
             .apply_many(tx, &events)
             .await
@@ -101,16 +102,14 @@ impl GroupCommit for ReplyHandler {
                 StoreError::Db(e) => HandlerError::from(e),
                 e => HandlerError::Transient(e.to_string()),
             })?;
-        let mut applied = Vec::with_capacity(results.len());
-        let mut messages = Vec::new();
+        let mut applied = Vec::with_capacity(batch.results.len());
         let mut unknown = Vec::new();
-        for ((i, _), result) in valid.iter().zip(results) {
+        for ((i, _), result) in valid.iter().zip(batch.results) {
             match result {
-                Ok(mut a) => {
+                Ok(a) => {
                     if !a.changed {
                         tracing::debug!(parent: &msgs[*i].span, "late or duplicate reply ignored");
                     }
-                    messages.append(&mut a.messages);
                     applied.push(a);
                 }
                 Err(e) => {
@@ -121,16 +120,18 @@ impl GroupCommit for ReplyHandler {
         }
         // A reply for no saga is dead-lettered; its replay must not look like a duplicate.
         inbox::forget(tx, &unknown).await?;
+        // The store wrote the outbox row itself: the shell has nothing to enqueue.
         Ok(BatchWork {
             outcomes,
-            messages,
-            committed: applied,
+            messages: Vec::new(),
+            committed: (applied, batch.outbox),
         })
     }
 
-    fn after_commit(&self, applied: Vec<Applied>) {
+    fn after_commit(&self, (applied, messages): Self::Committed) {
         for a in &applied {
             a.record_metrics();
         }
+        self.store.outbox().publish_committed(messages);
     }
 }

@@ -114,12 +114,7 @@ impl Outbox {
         conn: &mut PgConnection,
         messages: &[OutgoingMessage],
     ) -> Result<(), sqlx::Error> {
-        let grace = if self.fast_path {
-            FAST_PATH_GRACE
-        } else {
-            Duration::ZERO
-        };
-        enqueue_due_in(conn, messages, grace).await
+        enqueue_due_in(conn, messages, self.grace()).await
     }
 
     /// Publishes the messages of a row whose transaction has committed, in the background; the
@@ -264,6 +259,95 @@ async fn delete_acked(
     }
 }
 
+/// The values of one outbox row (every message of a transaction, keyed by the first message's
+/// id), for a handler that inserts it inside a statement of its own, as a data-modifying CTE,
+/// to save the round trip of a separate insert.
+pub struct OutboxRow<'a> {
+    id: Option<Uuid>,
+    subjects: Vec<&'a str>,
+    headers: sqlx::types::Json<Vec<&'a BTreeMap<String, String>>>,
+    payloads: Vec<&'a [u8]>,
+    due_in_secs: f64,
+}
+
+impl<'a> OutboxRow<'a> {
+    /// The row for `messages` (no row at all when there are none).
+    fn new(messages: &'a [OutgoingMessage], due_in: Duration) -> Self {
+        OutboxRow {
+            id: messages.first().map(|m| m.message_id),
+            subjects: messages.iter().map(|m| m.subject.as_str()).collect(),
+            headers: sqlx::types::Json(messages.iter().map(|m| &m.headers).collect()),
+            payloads: messages.iter().map(|m| m.payload.as_slice()).collect(),
+            due_in_secs: due_in.as_secs_f64(),
+        }
+    }
+
+    /// The insert, with its five parameters numbered from `first`; it inserts nothing when the
+    /// row has no messages.
+    pub fn insert_sql(first: usize) -> String {
+        Self::insert_sql_if(first, "true")
+    }
+
+    /// Like [`OutboxRow::insert_sql`], inserting only if the SQL `condition` holds (it may read
+    /// the other parts of the caller's statement).
+    pub fn insert_sql_if(first: usize, condition: &str) -> String {
+        let [id, subjects, headers, payloads, due] = [0, 1, 2, 3, 4].map(|i| first + i);
+        format!(
+            "insert into outbox (outbox_id, subjects, headers, payloads, next_attempt_at) \
+             select ${id}::uuid, ${subjects}::text[], ${headers}::jsonb, ${payloads}::bytea[], \
+             now() + make_interval(secs => ${due}::float8) \
+             where ${id}::uuid is not null and ({condition})"
+        )
+    }
+
+    /// [`OutboxRow::bind`] for a query returning rows.
+    pub fn bind_as<'q, O>(
+        self,
+        query: sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>
+    where
+        'a: 'q,
+    {
+        query
+            .bind(self.id)
+            .bind(self.subjects)
+            .bind(self.headers)
+            .bind(self.payloads)
+            .bind(self.due_in_secs)
+    }
+
+    /// Binds the five parameters of [`OutboxRow::insert_sql`], in order.
+    pub fn bind<'q, O>(
+        self,
+        query: sqlx::query::QueryScalar<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::QueryScalar<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>
+    where
+        'a: 'q,
+    {
+        query
+            .bind(self.id)
+            .bind(self.subjects)
+            .bind(self.headers)
+            .bind(self.payloads)
+            .bind(self.due_in_secs)
+    }
+}
+
+impl Outbox {
+    /// The outbox row for `messages`, to insert inside the caller's own statement.
+    pub fn row<'a>(&self, messages: &'a [OutgoingMessage]) -> OutboxRow<'a> {
+        OutboxRow::new(messages, self.grace())
+    }
+
+    fn grace(&self) -> Duration {
+        if self.fast_path {
+            FAST_PATH_GRACE
+        } else {
+            Duration::ZERO
+        }
+    }
+}
+
 /// Writes messages to the outbox inside the caller's transaction (one row for all, keyed by
 /// the first message's id), due for the relay after `due_in`.
 async fn enqueue_due_in(
@@ -271,23 +355,14 @@ async fn enqueue_due_in(
     messages: &[OutgoingMessage],
     due_in: Duration,
 ) -> Result<(), sqlx::Error> {
-    let Some(first) = messages.first() else {
+    if messages.is_empty() {
         return Ok(());
-    };
-    let subjects: Vec<&str> = messages.iter().map(|m| m.subject.as_str()).collect();
-    let headers: Vec<&BTreeMap<String, String>> = messages.iter().map(|m| &m.headers).collect();
-    let payloads: Vec<&[u8]> = messages.iter().map(|m| m.payload.as_slice()).collect();
-    sqlx::query(
-        "insert into outbox (outbox_id, subjects, headers, payloads, next_attempt_at) \
-         values ($1, $2, $3, $4, now() + make_interval(secs => $5))",
-    )
-    .bind(first.message_id)
-    .bind(&subjects)
-    .bind(sqlx::types::Json(&headers))
-    .bind(&payloads)
-    .bind(due_in.as_secs_f64())
-    .execute(conn)
-    .await?;
+    }
+    let sql = OutboxRow::insert_sql(1);
+    OutboxRow::new(messages, due_in)
+        .bind(sqlx::query_scalar::<_, i32>(sqlx::AssertSqlSafe(sql)))
+        .fetch_optional(conn)
+        .await?;
     Ok(())
 }
 

@@ -12,7 +12,7 @@ use sqlx::{PgConnection, PgPool};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
-use saga_shared_events::outbox::{Outbox, OutgoingMessage};
+use saga_shared_events::outbox::{Outbox, OutboxRow, OutgoingMessage};
 use saga_shared_events::{
     Body, CancelReason, ChargePayment, Envelope, Line, OrderEvent, OrderRef, ReserveInventory,
     ShipOrder,
@@ -173,6 +173,57 @@ struct NewSaga {
 fn to_json(v: &impl Serialize) -> String {
     serde_json::to_string(v).unwrap_or_default()
 }
+
+/// What a batch of events did: one result per event, and the messages of every transition,
+/// already in the outbox, to publish after commit.
+#[derive(Debug, Default)]
+pub struct AppliedBatch {
+    /// One result per event, in order (their `messages` moved to `outbox`).
+    pub results: Vec<Result<Applied, StoreError>>,
+    /// Every message of the batch, written to the outbox as one row.
+    pub outbox: Vec<OutgoingMessage>,
+}
+
+/// The write of a batch: states (if unchanged since read), history and the outbox row in one
+/// statement.
+static WRITE_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "with u as (update saga_order s set state = v.state::jsonb, status = v.status, \
+           version = s.version + 1, \
+           deadline_at = case v.mode when 1 then now() + make_interval(secs => v.ms / 1000) \
+                                     when 2 then null else s.deadline_at end, \
+           cancel_reason = v.reason, cancel_detail = v.detail, updated_at = now() \
+           from unnest($1::uuid[], $2::int8[], $3::text[], $4::text[], $5::int2[], $6::float8[], \
+                       $7::text[], $8::text[]) as v(id, version, state, status, mode, ms, reason, detail) \
+           where s.order_id = v.id and s.version = v.version returning s.order_id), \
+         t as (insert into saga_transition (order_id, from_status, to_status, event) \
+           select * from unnest($9::uuid[], $10::text[], $11::text[], $12::text[])), \
+         o as ({}) \
+         select count(*) from u",
+        OutboxRow::insert_sql(13)
+    )
+});
+
+/// New orders, their first history rows and, if every order was written (no idempotency key
+/// taken meanwhile), the outbox row of their messages, in one statement.
+static INSERT_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "with o as (insert into saga_order (order_id, customer_id, items, total_cents, state, \
+           status, trace_context, idempotency_key, request_fingerprint, deadline_at) \
+           select id, customer, items::jsonb, total, state::jsonb, status, trace::jsonb, key, fp, \
+                  now() + make_interval(secs => deadline) \
+           from unnest($1::uuid[], $2::text[], $3::text[], $4::int8[], $5::text[], $6::text[], \
+                       $7::text[], $8::text[], $9::text[], $10::float8[]) \
+                as t(id, customer, items, total, state, status, trace, key, fp, deadline) \
+           on conflict (idempotency_key) where idempotency_key is not null do nothing \
+           returning order_id, status, created_at), \
+         h as (insert into saga_transition (order_id, from_status, to_status, event) \
+           select order_id, null, status, 'order_created' from o), \
+         m as ({}) \
+         select order_id, created_at from o",
+        OutboxRow::insert_sql_if(12, "(select count(*) from o) = $11::int8")
+    )
+});
 
 /// One event for one saga, with the span its transition belongs under (the consumer span of
 /// the message that carried it).
@@ -466,22 +517,10 @@ impl SagaStore {
         let keys: Vec<Option<&str>> = sagas.iter().map(|s| s.key.as_deref()).collect();
         let fingerprints: Vec<&str> = sagas.iter().map(|s| s.fingerprint.as_str()).collect();
         let deadlines: Vec<f64> = sagas.iter().map(|s| s.deadline.as_secs_f64()).collect();
+        let all: Vec<OutgoingMessage> = sagas.iter().flat_map(|s| s.messages.clone()).collect();
         let mut tx = self.pool.begin().await?;
-        let written: Vec<(Uuid, DateTime<Utc>)> = sqlx::query_as(
-            "with o as (insert into saga_order (order_id, customer_id, items, total_cents, state, \
-               status, trace_context, idempotency_key, request_fingerprint, deadline_at) \
-               select id, customer, items::jsonb, total, state::jsonb, status, trace::jsonb, key, fp, \
-                      now() + make_interval(secs => deadline) \
-               from unnest($1::uuid[], $2::text[], $3::text[], $4::int8[], $5::text[], $6::text[], \
-                           $7::text[], $8::text[], $9::text[], $10::float8[]) \
-                    as t(id, customer, items, total, state, status, trace, key, fp, deadline) \
-               on conflict (idempotency_key) where idempotency_key is not null do nothing \
-               returning order_id, status, created_at), \
-             h as (insert into saga_transition (order_id, from_status, to_status, event) \
-               select order_id, null, status, 'order_created' from o) \
-             select order_id, created_at from o",
-        )
-        .bind(&ids)
+        let query = sqlx::query_as(sqlx::AssertSqlSafe(INSERT_SQL.as_str()))
+            .bind(&ids)
         .bind(&customers)
         .bind(&items)
         .bind(&totals)
@@ -491,15 +530,23 @@ impl SagaStore {
         .bind(&keys)
         .bind(&fingerprints)
         .bind(&deadlines)
-        .fetch_all(&mut *tx)
-        .await?;
+        .bind(sagas.len() as i64);
+        let written: Vec<(Uuid, DateTime<Utc>)> =
+            self.outbox.row(&all).bind_as(query).fetch_all(&mut *tx).await?;
         let written: HashMap<Uuid, DateTime<Utc>> = written.into_iter().collect();
-        let messages: Vec<OutgoingMessage> = sagas
-            .iter()
-            .filter(|s| written.contains_key(&s.order_id))
-            .flat_map(|s| s.messages.iter().cloned())
-            .collect();
-        self.outbox.enqueue(&mut tx, &messages).await?;
+        let messages = if written.len() == sagas.len() {
+            all
+        } else {
+            // An idempotency key was taken meanwhile, so the statement wrote no outbox row: write
+            // the messages of the orders that were written.
+            let messages: Vec<OutgoingMessage> = sagas
+                .iter()
+                .filter(|s| written.contains_key(&s.order_id))
+                .flat_map(|s| s.messages.iter().cloned())
+                .collect();
+            self.outbox.enqueue(&mut tx, &messages).await?;
+            messages
+        };
         tx.commit().await?;
         self.outbox.publish_committed(messages);
         Ok(written)
@@ -580,8 +627,8 @@ impl SagaStore {
         Ok(applied)
     }
 
-    /// Feeds `event` to the saga inside the caller's transaction: row lock, machine, then state,
-    /// history and outbox rows. `causation_id` names the message that carried the event.
+    /// Feeds `event` to the saga inside the caller's transaction: machine, then state, history
+    /// and outbox rows; the returned messages are to be published after commit. `causation_id` names the message that carried the event.
     pub async fn apply_locked(
         &self,
         conn: &mut PgConnection,
@@ -595,12 +642,13 @@ impl SagaStore {
             causation_id,
             parent: tracing::Span::current(),
         };
-        let applied = self
-            .apply_many(conn, std::slice::from_ref(&one))
-            .await?
-            .pop()
+        let batch = self.apply_many(conn, std::slice::from_ref(&one)).await?;
+        let mut applied = batch
+            .results
+            .into_iter()
+            .next()
             .unwrap_or(Err(StoreError::NotFound(order_id)))?;
-        self.outbox.enqueue(conn, &applied.messages).await?;
+        applied.messages = batch.outbox;
         Ok(applied)
     }
 
@@ -610,15 +658,15 @@ impl SagaStore {
     /// saga's version, and a saga changed meanwhile (by another replica, the sweeper or an
     /// operator) fails the batch with `Conflict`, to be retried. Locking up front would cost a
     /// row lock, and its WAL record, per saga on every step, for a race that is rare.
-    /// Returns one result per event (`NotFound` for an unknown saga); the caller writes the
-    /// returned messages to the outbox.
+    /// The messages of every transition go to the outbox in that same statement; the caller
+    /// publishes [`AppliedBatch::outbox`] once the transaction committed.
     pub async fn apply_many(
         &self,
         conn: &mut PgConnection,
         events: &[SagaEvent],
-    ) -> Result<Vec<Result<Applied, StoreError>>, StoreError> {
+    ) -> Result<AppliedBatch, StoreError> {
         if events.is_empty() {
-            return Ok(Vec::new());
+            return Ok(AppliedBatch::default());
         }
         let mut ids: Vec<Uuid> = events.iter().map(|e| e.order_id).collect();
         ids.sort_unstable();
@@ -655,17 +703,19 @@ impl SagaStore {
             .collect();
         let mut history = History::default();
         let mut results = Vec::with_capacity(events.len());
+        let mut outbox = Vec::new();
         for e in events {
             let Some(saga) = sagas.get_mut(&e.order_id) else {
                 results.push(Err(StoreError::NotFound(e.order_id)));
                 continue;
             };
             let span = transition_span(e.order_id, e.event.name(), &e.parent);
-            let applied = span.in_scope(|| self.step(e, saga, &mut history));
+            let mut applied = span.in_scope(|| self.step(e, saga, &mut history));
+            outbox.append(&mut applied.messages);
             results.push(Ok(applied));
         }
-        self.write(conn, &sagas, &history).await?;
-        Ok(results)
+        self.write(conn, &sagas, &history, &outbox).await?;
+        Ok(AppliedBatch { results, outbox })
     }
 
     /// Runs the machine for one event on a loaded saga (inside the event's transition span).
@@ -772,6 +822,7 @@ impl SagaStore {
         conn: &mut PgConnection,
         sagas: &HashMap<Uuid, Loaded>,
         history: &History,
+        outbox: &[OutgoingMessage],
     ) -> Result<(), StoreError> {
         let mut changed: Vec<(&Uuid, &Loaded)> = sagas.iter().filter(|(_, s)| s.changed).collect();
         changed.sort_unstable_by_key(|(id, _)| **id);
@@ -804,20 +855,8 @@ impl SagaStore {
             .collect();
         let reasons: Vec<Option<&str>> = changed.iter().map(|(_, s)| s.reason.as_deref()).collect();
         let details: Vec<Option<&str>> = changed.iter().map(|(_, s)| s.detail.as_deref()).collect();
-        let updated: i64 = sqlx::query_scalar(
-            "with u as (update saga_order s set state = v.state::jsonb, status = v.status, \
-               version = s.version + 1, \
-               deadline_at = case v.mode when 1 then now() + make_interval(secs => v.ms / 1000) \
-                                         when 2 then null else s.deadline_at end, \
-               cancel_reason = v.reason, cancel_detail = v.detail, updated_at = now() \
-               from unnest($1::uuid[], $2::int8[], $3::text[], $4::text[], $5::int2[], $6::float8[], \
-                           $7::text[], $8::text[]) as v(id, version, state, status, mode, ms, reason, detail) \
-               where s.order_id = v.id and s.version = v.version returning s.order_id), \
-             t as (insert into saga_transition (order_id, from_status, to_status, event) \
-               select * from unnest($9::uuid[], $10::text[], $11::text[], $12::text[])) \
-             select count(*) from u",
-        )
-        .bind(&ids)
+        let query = sqlx::query_scalar(sqlx::AssertSqlSafe(WRITE_SQL.as_str()))
+            .bind(&ids)
         .bind(&versions)
         .bind(&states)
         .bind(&statuses)
@@ -828,9 +867,13 @@ impl SagaStore {
         .bind(&history.order_ids)
         .bind(&history.from)
         .bind(&history.to)
-        .bind(&history.event)
-        .fetch_one(&mut *conn)
-        .await?;
+        .bind(&history.event);
+        let updated: i64 = self
+            .outbox
+            .row(outbox)
+            .bind(query)
+            .fetch_one(&mut *conn)
+            .await?;
         if updated != ids.len() as i64 {
             return Err(StoreError::Conflict("sagas changed concurrently".into()));
         }
@@ -957,16 +1000,9 @@ impl SagaStore {
                 }
             })
             .collect();
-        let mut applied: Vec<Applied> = self
-            .apply_many(&mut tx, &events)
-            .await?
-            .into_iter()
-            .collect::<Result<_, _>>()?;
-        let messages: Vec<OutgoingMessage> = applied
-            .iter_mut()
-            .flat_map(|a| std::mem::take(&mut a.messages))
-            .collect();
-        self.outbox.enqueue(&mut tx, &messages).await?;
+        let batch = self.apply_many(&mut tx, &events).await?;
+        let messages = batch.outbox;
+        let applied: Vec<Applied> = batch.results.into_iter().collect::<Result<_, _>>()?;
         tx.commit().await?;
         for a in &applied {
             a.record_metrics();

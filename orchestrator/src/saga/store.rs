@@ -916,17 +916,34 @@ impl SagaStore {
         limit: i64,
         after: Option<Uuid>,
     ) -> Result<Vec<OrderView>, StoreError> {
-        let rows: Vec<ViewRow> = sqlx::query_as(
-            "select order_id, customer_id, items, total_cents, status, cancel_reason, cancel_detail, \
-             created_at, updated_at, trace_context from saga_order \
-             where ($1::text is null or status = $1) and ($2::uuid is null or order_id < $2) \
-             order by order_id desc limit $3",
-        )
-        .bind(status)
-        .bind(after)
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?;
+        // One statement per shape: plans are generic (see `db::options`), and each shape has its
+        // own index (status, order_id) or the primary key.
+        let before = after.unwrap_or(Uuid::max());
+        let rows: Vec<ViewRow> = match status {
+            Some(status) => {
+                sqlx::query_as(
+                    "select order_id, customer_id, items, total_cents, status, cancel_reason, \
+                     cancel_detail, created_at, updated_at, trace_context from saga_order \
+                     where status = $1 and order_id < $2 order by order_id desc limit $3",
+                )
+                .bind(status)
+                .bind(before)
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?
+            }
+            None => {
+                sqlx::query_as(
+                    "select order_id, customer_id, items, total_cents, status, cancel_reason, \
+                     cancel_detail, created_at, updated_at, trace_context from saga_order \
+                     where order_id < $1 order by order_id desc limit $2",
+                )
+                .bind(before)
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?
+            }
+        };
         Ok(rows.into_iter().map(|r| self.view(r)).collect())
     }
 

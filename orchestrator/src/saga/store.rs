@@ -521,18 +521,22 @@ impl SagaStore {
         let mut tx = self.pool.begin().await?;
         let query = sqlx::query_as(sqlx::AssertSqlSafe(INSERT_SQL.as_str()))
             .bind(&ids)
-        .bind(&customers)
-        .bind(&items)
-        .bind(&totals)
-        .bind(&states)
-        .bind(&statuses)
-        .bind(&traces)
-        .bind(&keys)
-        .bind(&fingerprints)
-        .bind(&deadlines)
-        .bind(sagas.len() as i64);
-        let written: Vec<(Uuid, DateTime<Utc>)> =
-            self.outbox.row(&all).bind_as(query).fetch_all(&mut *tx).await?;
+            .bind(&customers)
+            .bind(&items)
+            .bind(&totals)
+            .bind(&states)
+            .bind(&statuses)
+            .bind(&traces)
+            .bind(&keys)
+            .bind(&fingerprints)
+            .bind(&deadlines)
+            .bind(sagas.len() as i64);
+        let written: Vec<(Uuid, DateTime<Utc>)> = self
+            .outbox
+            .row(&all)
+            .bind_as(query)
+            .fetch_all(&mut *tx)
+            .await?;
         let written: HashMap<Uuid, DateTime<Utc>> = written.into_iter().collect();
         let messages = if written.len() == sagas.len() {
             all
@@ -857,17 +861,17 @@ impl SagaStore {
         let details: Vec<Option<&str>> = changed.iter().map(|(_, s)| s.detail.as_deref()).collect();
         let query = sqlx::query_scalar(sqlx::AssertSqlSafe(WRITE_SQL.as_str()))
             .bind(&ids)
-        .bind(&versions)
-        .bind(&states)
-        .bind(&statuses)
-        .bind(&modes)
-        .bind(&millis)
-        .bind(&reasons)
-        .bind(&details)
-        .bind(&history.order_ids)
-        .bind(&history.from)
-        .bind(&history.to)
-        .bind(&history.event);
+            .bind(&versions)
+            .bind(&states)
+            .bind(&statuses)
+            .bind(&modes)
+            .bind(&millis)
+            .bind(&reasons)
+            .bind(&details)
+            .bind(&history.order_ids)
+            .bind(&history.from)
+            .bind(&history.to)
+            .bind(&history.event);
         let updated: i64 = self
             .outbox
             .row(outbox)

@@ -42,13 +42,8 @@ pub fn options(url: &str, application_name: &str) -> Result<PgConnectOptions, Db
     if loopback && !url.contains("sslmode=") {
         opts = opts.ssl_mode(sqlx::postgres::PgSslMode::Disable);
     }
-    // The hot statements take arrays (`unnest($1::uuid[])`): Postgres estimates a custom plan
-    // from the actual array, finds it cheaper than the generic one and so plans every execution
-    // anew, which was a sixth of its CPU. Their generic plans are the same index lookups.
-    // Statements whose plan depends on the values opt out with `persistent(false)`.
     Ok(opts
         .application_name(application_name)
-        .options([("plan_cache_mode", "force_generic_plan")])
         .log_statements(tracing::log::LevelFilter::Trace))
 }
 

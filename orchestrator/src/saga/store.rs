@@ -920,8 +920,7 @@ impl SagaStore {
         limit: i64,
         after: Option<Uuid>,
     ) -> Result<Vec<OrderView>, StoreError> {
-        // One statement per shape: plans are generic (see `db::options`), and each shape has its
-        // own index (status, order_id) or the primary key.
+        // One statement per shape, each with its own index: (status, order_id) or the key.
         let before = after.unwrap_or(Uuid::max());
         let rows: Vec<ViewRow> = match status {
             Some(status) => {

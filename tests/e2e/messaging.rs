@@ -216,3 +216,67 @@ async fn a_command_that_keeps_failing_is_dead_lettered_after_max_deliver() {
     let (_, order) = stack.get("orchestrator", &format!("/orders/{id}")).await;
     assert_eq!(order["status"], "paid");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saga_changed_while_its_reply_is_applied_is_retried_not_overwritten() {
+    use sqlx::Connection;
+    // No deadline fires meanwhile: the only other change is the one made below.
+    let opts =
+        saga_e2e_tests::StackOptions::default().with("orchestrator", "STEP_TIMEOUT_MS", "120000");
+    let mut stack = Stack::start_with(opts).await;
+    let fig = product("fig");
+    stack.set_stock(&fig, 10).await;
+    // With inventory down the order waits for its reservation.
+    stack.kill("inventory").await;
+    let id = stack.create_order("ivy", &[(&fig, 2, 500)]).await;
+    // Another writer (a second replica, an operator) changes the saga and holds its row.
+    let mut other = stack.db("orchestrator").await;
+    let mut tx = other.begin().await.unwrap();
+    sqlx::query(
+        "update saga_order set version = version + 1, cancel_detail = 'kept' \
+         where order_id = $1::uuid",
+    )
+    .bind(&id)
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    stack.restart("inventory").await;
+    // The reservation's reply arrives and its write waits for that row; it read the old version.
+    wait_until(
+        Duration::from_secs(30),
+        "the reply's write to wait for the row",
+        || async {
+            let mut db = stack.db("orchestrator").await;
+            let waiting: i64 = sqlx::query_scalar(
+                "select count(*) from pg_stat_activity \
+                 where datname = current_database() and wait_event_type = 'Lock'",
+            )
+            .fetch_one(&mut db)
+            .await
+            .unwrap();
+            waiting > 0
+        },
+    )
+    .await;
+    tx.commit().await.unwrap();
+    // The stale write is refused, the reply is applied again on the new version, once.
+    let order = stack.wait_terminal(&id).await;
+    assert_eq!(order["status"], "shipped");
+    assert_eq!(
+        saga_e2e_tests::history_statuses(&order),
+        ["created", "inventory_reserved", "paid", "shipped"]
+    );
+    let mut db = stack.db("orchestrator").await;
+    let (version, detail): (i64, Option<String>) =
+        sqlx::query_as("select version, cancel_detail from saga_order where order_id = $1::uuid")
+            .bind(&id)
+            .fetch_one(&mut db)
+            .await
+            .unwrap();
+    // The other writer's change survived (a blind write would have cleared it), and the saga
+    // moved three times after it.
+    assert_eq!(detail.as_deref(), Some("kept"));
+    assert_eq!(version, 4);
+    assert_eq!(stack.stock(&fig).await, (8, 2));
+    stack.assert_audit_clean(&[id], &[fig], 10).await;
+}

@@ -162,14 +162,54 @@ pub fn stream_configs(replicas: usize) -> Vec<stream::Config> {
 }
 
 /// Creates or updates every stream (safe to run from every replica at every start).
-pub async fn ensure_streams(js: &jetstream::Context, replicas: usize) -> Result<(), NatsError> {
+/// Warns about each stream whose settings, as the server reports them, are weaker than
+/// recommended (`clustered`: the server is part of a cluster).
+pub async fn ensure_streams(
+    js: &jetstream::Context,
+    replicas: usize,
+    clustered: bool,
+) -> Result<(), NatsError> {
     for config in stream_configs(replicas) {
         let name = config.name.clone();
-        js.create_or_update_stream(config)
+        let info = js
+            .create_or_update_stream(config)
             .await
             .map_err(|source| NatsError::Stream { name, source })?;
+        for weakness in weaknesses(&info.config, clustered) {
+            tracing::warn!(stream = %info.config.name, "{weakness}");
+        }
     }
     Ok(())
+}
+
+/// How a stream's settings fall short of what the saga relies on. Postgres stays the source of
+/// truth (deadlines re-send what the broker lost), but a lost message still costs a deadline.
+pub fn weaknesses(config: &stream::Config, clustered: bool) -> Vec<String> {
+    let mut found = Vec::new();
+    if config.storage == stream::StorageType::Memory {
+        found.push("memory storage: a broker restart loses every message not yet consumed".into());
+    }
+    if clustered && config.num_replicas < 3 {
+        found.push(format!(
+            "{} replica(s) on a NATS cluster: losing one node loses acknowledged messages; \
+             set STREAM_REPLICAS=3",
+            config.num_replicas.max(1)
+        ));
+    }
+    if config.duplicate_window < Duration::from_secs(120) {
+        found.push(format!(
+            "duplicate window of {:?}: the outbox may republish after up to two minutes, and only \
+             the inbox would catch the copy",
+            config.duplicate_window
+        ));
+    }
+    if config.discard == stream::DiscardPolicy::Old
+        && (config.max_messages > 0 || config.max_bytes > 0)
+        && config.retention == stream::RetentionPolicy::WorkQueue
+    {
+        found.push("size limits with discard old: unconsumed commands may be dropped".into());
+    }
+    found
 }
 
 /// Checks that every stream exists (readiness).
@@ -233,5 +273,25 @@ impl ConsumerSpec {
                 name: self.durable.clone(),
                 source,
             })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn our_streams_are_not_weak_on_a_single_node_and_r1_is_weak_on_a_cluster() {
+        for c in stream_configs(1) {
+            assert!(weaknesses(&c, false).is_empty(), "{}", c.name);
+            assert_eq!(weaknesses(&c, true).len(), 1, "{}", c.name);
+        }
+        for c in stream_configs(3) {
+            assert!(weaknesses(&c, true).is_empty(), "{}", c.name);
+        }
+        let mut memory = stream_configs(3).remove(0);
+        memory.storage = stream::StorageType::Memory;
+        memory.duplicate_window = Duration::from_secs(10);
+        assert_eq!(weaknesses(&memory, true).len(), 2);
     }
 }

@@ -115,10 +115,12 @@ impl Runtime {
         let pool = crate::db::connect(opts, migrator, common.db_pool_size, wait).await?;
         let nats = crate::nats::connect(&common.nats_url, service, &common.nats_auth, wait).await?;
         let js = jetstream::new(nats.clone());
+        let clustered = nats.server_info().cluster.is_some_and(|c| !c.is_empty());
         // A fresh cluster may not have elected its JetStream leader yet: retry for a while.
         let deadline = tokio::time::Instant::now() + wait;
         loop {
-            match crate::nats::ensure_streams(&js, common.stream_replicas as usize).await {
+            match crate::nats::ensure_streams(&js, common.stream_replicas as usize, clustered).await
+            {
                 Ok(()) => break,
                 Err(e) if tokio::time::Instant::now() < deadline => {
                     tracing::warn!(error = %e, "streams not ready yet; retrying");

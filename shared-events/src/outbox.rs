@@ -358,9 +358,12 @@ async fn enqueue_due_in(
     if messages.is_empty() {
         return Ok(());
     }
-    let sql = OutboxRow::insert_sql(1);
+    static INSERT: std::sync::LazyLock<String> =
+        std::sync::LazyLock::new(|| OutboxRow::insert_sql(1));
     OutboxRow::new(messages, due_in)
-        .bind(sqlx::query_scalar::<_, i32>(sqlx::AssertSqlSafe(sql)))
+        .bind(sqlx::query_scalar::<_, i32>(sqlx::AssertSqlSafe(
+            INSERT.as_str(),
+        )))
         .fetch_optional(conn)
         .await?;
     Ok(())

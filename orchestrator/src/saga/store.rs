@@ -632,7 +632,8 @@ impl SagaStore {
     }
 
     /// Feeds `event` to the saga inside the caller's transaction: machine, then state, history
-    /// and outbox rows; the returned messages are to be published after commit. `causation_id` names the message that carried the event.
+    /// and outbox rows; the returned messages are to be published after commit. `causation_id`
+    /// names the message that carried the event.
     pub async fn apply_locked(
         &self,
         conn: &mut PgConnection,
@@ -830,7 +831,7 @@ impl SagaStore {
     ) -> Result<(), StoreError> {
         let mut changed: Vec<(&Uuid, &Loaded)> = sagas.iter().filter(|(_, s)| s.changed).collect();
         changed.sort_unstable_by_key(|(id, _)| **id);
-        if changed.is_empty() {
+        if changed.is_empty() && outbox.is_empty() {
             return Ok(());
         }
         let ids: Vec<Uuid> = changed.iter().map(|(id, _)| **id).collect();

@@ -300,27 +300,11 @@ impl<'a> OutboxRow<'a> {
         )
     }
 
-    /// [`OutboxRow::bind`] for a query returning rows.
-    pub fn bind_as<'q, O>(
-        self,
-        query: sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>,
-    ) -> sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>
-    where
-        'a: 'q,
-    {
-        query
-            .bind(self.id)
-            .bind(self.subjects)
-            .bind(self.headers)
-            .bind(self.payloads)
-            .bind(self.due_in_secs)
-    }
-
     /// Binds the five parameters of [`OutboxRow::insert_sql`], in order.
     pub fn bind<'q, O>(
         self,
-        query: sqlx::query::QueryScalar<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>,
-    ) -> sqlx::query::QueryScalar<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>
+        query: sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>
     where
         'a: 'q,
     {
@@ -361,7 +345,7 @@ async fn enqueue_due_in(
     static INSERT: std::sync::LazyLock<String> =
         std::sync::LazyLock::new(|| OutboxRow::insert_sql(1));
     OutboxRow::new(messages, due_in)
-        .bind(sqlx::query_scalar::<_, i32>(sqlx::AssertSqlSafe(
+        .bind(sqlx::query_as::<_, (i32,)>(sqlx::AssertSqlSafe(
             INSERT.as_str(),
         )))
         .fetch_optional(conn)

@@ -534,7 +534,7 @@ impl SagaStore {
         let written: Vec<(Uuid, DateTime<Utc>)> = self
             .outbox
             .row(&all)
-            .bind_as(query)
+            .bind(query)
             .fetch_all(&mut *tx)
             .await?;
         let written: HashMap<Uuid, DateTime<Utc>> = written.into_iter().collect();
@@ -860,7 +860,7 @@ impl SagaStore {
             .collect();
         let reasons: Vec<Option<&str>> = changed.iter().map(|(_, s)| s.reason.as_deref()).collect();
         let details: Vec<Option<&str>> = changed.iter().map(|(_, s)| s.detail.as_deref()).collect();
-        let query = sqlx::query_scalar(sqlx::AssertSqlSafe(WRITE_SQL.as_str()))
+        let query = sqlx::query_as(sqlx::AssertSqlSafe(WRITE_SQL.as_str()))
             .bind(&ids)
             .bind(&versions)
             .bind(&states)
@@ -873,7 +873,7 @@ impl SagaStore {
             .bind(&history.from)
             .bind(&history.to)
             .bind(&history.event);
-        let updated: i64 = self
+        let (updated,): (i64,) = self
             .outbox
             .row(outbox)
             .bind(query)

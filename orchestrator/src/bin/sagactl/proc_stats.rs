@@ -14,11 +14,14 @@ const WATCHED: [&str; 6] = [
 /// Clock ticks per second of /proc times (USER_HZ, 100 on Linux).
 const TICKS: f64 = 100.0;
 
-/// CPU seconds per process kind, summed over its processes. Postgres includes the reaped
-/// children of the postmaster, so backends that exit during a run still count.
-pub fn snapshot() -> BTreeMap<String, f64> {
-    let mut out = BTreeMap::new();
-    for (comm, stat) in processes() {
+/// CPU seconds of every watched process, by pid: `(kind, seconds)`.
+pub type Snapshot = BTreeMap<u32, (&'static str, f64)>;
+
+/// CPU seconds of every watched process. Postgres includes the reaped children of the
+/// postmaster, so backends that exit during a run still count.
+pub fn snapshot() -> Snapshot {
+    let mut out = Snapshot::new();
+    for (pid, comm, stat) in processes() {
         let Some(kind) = WATCHED.iter().find(|w| comm == **w) else {
             continue;
         };
@@ -34,25 +37,21 @@ pub fn snapshot() -> BTreeMap<String, f64> {
         if *kind == "postgres" {
             ticks += num(13) + num(14);
         }
-        *out.entry(kind.to_string()).or_default() += ticks / TICKS;
+        out.insert(pid, (kind, ticks / TICKS));
     }
     out
 }
 
-/// CPU seconds spent between two snapshots.
-pub fn diff(
-    before: &BTreeMap<String, f64>,
-    after: &BTreeMap<String, f64>,
-) -> BTreeMap<String, f64> {
-    after
-        .iter()
-        .map(|(k, a)| {
-            (
-                k.clone(),
-                (a - before.get(k).copied().unwrap_or(0.0)).max(0.0),
-            )
-        })
-        .collect()
+/// CPU seconds spent between two snapshots, per process kind. Compared per pid: a process of
+/// an earlier stack still exiting when the run began (its CPU time is not the run's) is reaped
+/// without lowering the sum, and one started during the run counts all of its time.
+pub fn diff(before: &Snapshot, after: &Snapshot) -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    for (pid, (kind, secs)) in after {
+        let earlier = before.get(pid).map(|(_, s)| *s).unwrap_or(0.0);
+        *out.entry(kind.to_string()).or_default() += (secs - earlier).max(0.0);
+    }
+    out
 }
 
 /// Resident memory per process kind, in MB.
@@ -84,13 +83,16 @@ pub fn rss_mb() -> BTreeMap<String, f64> {
     out
 }
 
-/// `(comm, stat fields after comm)` of every process.
-fn processes() -> Vec<(String, String)> {
+/// `(pid, comm, stat fields after comm)` of every process.
+fn processes() -> Vec<(u32, String, String)> {
     let mut out = Vec::new();
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return out;
     };
     for entry in dir.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse().ok()) else {
+            continue;
+        };
         let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
             continue;
         };
@@ -98,7 +100,29 @@ fn processes() -> Vec<(String, String)> {
             continue;
         };
         let comm = stat[open + 1..close].to_string();
-        out.push((comm, stat[close + 1..].to_string()));
+        out.push((pid, comm, stat[close + 1..].to_string()));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_process_reaped_during_the_run_does_not_lower_the_sum() {
+        let before = Snapshot::from([
+            (10, ("orchestrator", 50.0)), // an earlier stack's process, still exiting
+            (20, ("orchestrator", 1.0)),
+            (30, ("postgres", 4.0)),
+        ]);
+        let after = Snapshot::from([
+            (20, ("orchestrator", 3.5)),
+            (30, ("postgres", 6.0)),
+            (40, ("postgres", 0.5)), // started during the run
+        ]);
+        let cpu = diff(&before, &after);
+        assert_eq!(cpu["orchestrator"], 2.5);
+        assert_eq!(cpu["postgres"], 2.5);
+    }
 }

@@ -1,11 +1,9 @@
 //! The reply consumer: turns participants' replies into saga events.
 
 use sqlx::{PgConnection, PgPool};
-use uuid::Uuid;
 
 use saga_shared_events::Body;
 use saga_shared_events::consumer::{BatchWork, GroupCommit, HandlerError, Incoming};
-use saga_shared_events::inbox;
 use saga_shared_events::outbox::{Outbox, OutgoingMessage};
 
 use crate::saga::machine::Event;
@@ -62,11 +60,16 @@ impl GroupCommit for ReplyHandler {
         self.store.outbox()
     }
 
-    /// The replies of a batch in one transaction: one inbox statement, then the store's
-    /// set-based transition of every saga they concern.
+    /// The store reads the batch's sagas and which replies it saw before, then writes the
+    /// inbox entries, transitions and outbox row in one statement.
+    fn writes_in_one_statement(&self) -> bool {
+        true
+    }
+
+    /// The replies of a batch: the store's set-based transition of every saga they concern.
     async fn work(
         &self,
-        tx: &mut PgConnection,
+        conn: &mut PgConnection,
         msgs: &[Incoming],
     ) -> Result<BatchWork<Self::Committed>, HandlerError> {
         let mut outcomes: Vec<Result<(), HandlerError>> = msgs.iter().map(|_| Ok(())).collect();
@@ -77,14 +80,6 @@ impl GroupCommit for ReplyHandler {
                 None => outcomes[i] = Err(invalid(&m.envelope)),
             }
         }
-        let ids: Vec<Uuid> = valid
-            .iter()
-            .map(|(i, _)| msgs[*i].envelope.message_id)
-            .collect();
-        let mut new = inbox::record_many(tx, &ids).await?;
-        // A redelivered reply was applied before (or is a second copy in this very batch):
-        // acknowledged, not applied twice.
-        valid.retain(|(i, _)| new.remove(&msgs[*i].envelope.message_id));
         let events: Vec<SagaEvent> = valid
             .iter()
             .map(|(i, event)| SagaEvent {
@@ -96,30 +91,30 @@ impl GroupCommit for ReplyHandler {
             .collect();
         let batch = self
             .store
-            .apply_many(tx, &events)
+            .apply_replies(conn, &events)
             .await
             .map_err(|e| match e {
                 StoreError::Db(e) => HandlerError::from(e),
                 e => HandlerError::Transient(e.to_string()),
             })?;
         let mut applied = Vec::with_capacity(batch.results.len());
-        let mut unknown = Vec::new();
         for ((i, _), result) in valid.iter().zip(batch.results) {
             match result {
+                // A redelivered reply was applied before (or is a second copy in this very
+                // batch): acknowledged, not applied twice.
+                Ok(a) if a.duplicate => {
+                    tracing::debug!(parent: &msgs[*i].span, "duplicate reply acknowledged")
+                }
                 Ok(a) => {
                     if !a.changed {
                         tracing::debug!(parent: &msgs[*i].span, "late or duplicate reply ignored");
                     }
                     applied.push(a);
                 }
-                Err(e) => {
-                    unknown.push(msgs[*i].envelope.message_id);
-                    outcomes[*i] = Err(HandlerError::Permanent(e.to_string()));
-                }
+                // A reply for no saga is dead-lettered (and was not recorded in the inbox).
+                Err(e) => outcomes[*i] = Err(HandlerError::Permanent(e.to_string())),
             }
         }
-        // A reply for no saga is dead-lettered; its replay must not look like a duplicate.
-        inbox::forget(tx, &unknown).await?;
         // The store wrote the outbox row itself: the shell has nothing to enqueue.
         Ok(BatchWork {
             outcomes,

@@ -7,7 +7,9 @@ use futures_util::StreamExt;
 use uuid::Uuid;
 
 use saga_e2e_tests::{Stack, product, wait_until};
-use saga_shared_events::contract::{Body, ChargePayment, Envelope, Line, ReserveInventory, header};
+use saga_shared_events::contract::{
+    Body, ChargePayment, Charged, Envelope, Line, OrderRef, ReserveInventory, header,
+};
 
 async fn publish(js: &async_nats::jetstream::Context, env: &Envelope, msg_id: Uuid) {
     let mut headers = HeaderMap::new();
@@ -279,4 +281,90 @@ async fn a_saga_changed_while_its_reply_is_applied_is_retried_not_overwritten() 
     assert_eq!(version, 4);
     assert_eq!(stack.stock(&fig).await, (8, 2));
     stack.assert_audit_clean(&[id], &[fig], 10).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_delivered_again_is_applied_once_and_one_for_no_saga_is_dead_lettered_each_time() {
+    let mut stack = Stack::start().await;
+    let js = stack.jetstream().await;
+    let watcher = js
+        .get_stream("SAGA_DLQ")
+        .await
+        .unwrap()
+        .create_consumer(async_nats::jetstream::consumer::pull::Config {
+            durable_name: None,
+            filter_subject: "saga.dlq.saga.reply.>".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut dead = watcher.messages().await.unwrap();
+    let fig = product("fig");
+    stack.set_stock(&fig, 10).await;
+    // With inventory down, the only reservation reply is the hand-made one below.
+    stack.kill("inventory").await;
+    let id = stack.create_order("ivy", &[(&fig, 2, 500)]).await;
+    let order_id: Uuid = id.parse().unwrap();
+    let reserved = Envelope::new(
+        order_id,
+        None,
+        Body::InventoryReserved(OrderRef { order_id }),
+    );
+    // Three copies of one reply, each under a new Nats-Msg-Id (as after JetStream's duplicate
+    // window): two at once, which may share a batch, and one after the saga ended.
+    publish(&js, &reserved, Uuid::now_v7()).await;
+    publish(&js, &reserved, Uuid::now_v7()).await;
+    assert_eq!(stack.wait_terminal(&id).await["status"], "shipped");
+    publish(&js, &reserved, Uuid::now_v7()).await;
+
+    // A reply for no saga is dead-lettered, and so is its replay: it left no inbox entry.
+    let stray = Uuid::now_v7();
+    let orphan = Envelope::new(
+        stray,
+        None,
+        Body::PaymentCharged(Charged {
+            order_id: stray,
+            amount_cents: 100,
+        }),
+    );
+    for _ in 0..2 {
+        publish(&js, &orphan, Uuid::now_v7()).await;
+        let msg = tokio::time::timeout(Duration::from_secs(15), dead.next())
+            .await
+            .expect("a dead letter within 15 s")
+            .unwrap()
+            .unwrap();
+        let letter = Envelope::decode(&msg.payload).unwrap();
+        assert_eq!(letter.message_id, orphan.message_id);
+        let error = msg
+            .headers
+            .as_ref()
+            .unwrap()
+            .get(header::DLQ_ERROR)
+            .unwrap();
+        assert!(error.as_str().contains("not found"), "{}", error.as_str());
+        msg.ack().await.unwrap();
+    }
+
+    stack.restart("inventory").await;
+    stack.wait_quiet().await;
+    let order = stack.wait_terminal(&id).await;
+    assert_eq!(
+        saga_e2e_tests::history_statuses(&order),
+        ["created", "inventory_reserved", "paid", "shipped"]
+    );
+    let mut db = stack.db("orchestrator").await;
+    let version: i64 = sqlx::query_scalar("select version from saga_order where order_id = $1")
+        .bind(order_id)
+        .fetch_one(&mut db)
+        .await
+        .unwrap();
+    assert_eq!(version, 3, "three transitions after creation, none twice");
+    let recorded: i64 =
+        sqlx::query_scalar("select count(*) from processed_message where message_id = any($1)")
+            .bind([reserved.message_id, orphan.message_id])
+            .fetch_one(&mut db)
+            .await
+            .unwrap();
+    assert_eq!(recorded, 1, "the reply once, the orphan never");
 }

@@ -1,7 +1,7 @@
 //! The saga driver: loads a saga under its row lock, feeds the pure machine one event, and writes
 //! the new state, its history row and its outgoing messages (outbox) in the caller's transaction.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -153,7 +153,11 @@ type SagaRow = (
     Option<String>,
     f64,
     f64,
+    Vec<Uuid>,
 );
+
+/// The SQLSTATE `saga_write_check` raises when a batch's sagas or replies changed since read.
+const SERIALIZATION_FAILURE: &str = "40001";
 
 /// A new saga on its way to the batch writer, with where its answer goes.
 type Intake = (NewSaga, oneshot::Sender<Result<Created, StoreError>>);
@@ -184,8 +188,9 @@ pub struct AppliedBatch {
     pub outbox: Vec<OutgoingMessage>,
 }
 
-/// The write of a batch: states (if unchanged since read), history and the outbox row in one
-/// statement.
+/// The write of a batch in one statement: the replies' inbox entries, states (if unchanged since
+/// read), history and the outbox row. `saga_write_check` aborts it whole when a saga changed or a
+/// reply was recorded since the read, so it needs no transaction around it.
 static WRITE_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
         "with u as (update saga_order s set state = v.state::jsonb, status = v.status, \
@@ -198,8 +203,11 @@ static WRITE_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
            where s.order_id = v.id and s.version = v.version returning s.order_id), \
          t as (insert into saga_transition (order_id, from_status, to_status, event) \
            select * from unnest($9::uuid[], $10::text[], $11::text[], $12::text[])), \
-         o as ({}) \
-         select count(*) from u",
+         o as ({}), \
+         i as (insert into processed_message (message_id) select unnest($18::uuid[]) \
+           on conflict do nothing returning 1) \
+         select saga_write_check((select count(*) from u), cardinality($1::uuid[]), \
+                                 (select count(*) from i), cardinality($18::uuid[]))",
         OutboxRow::insert_sql(13)
     )
 });
@@ -285,6 +293,9 @@ pub struct Applied {
     pub finished: Option<SagaEnd>,
     /// Whether anything changed (false for ignored late or duplicate events).
     pub changed: bool,
+    /// The reply carrying the event was applied before (a redelivery or a second copy): the
+    /// machine did not run.
+    pub duplicate: bool,
     /// Seconds since the saga's previous change (the step's duration when the status moved).
     pub step_seconds: f64,
     /// Seconds since the saga was created.
@@ -294,6 +305,20 @@ pub struct Applied {
 }
 
 impl Applied {
+    /// The outcome of a reply applied before: nothing ran, nothing changed.
+    fn duplicate() -> Self {
+        Applied {
+            from: String::new(),
+            to: String::new(),
+            finished: None,
+            changed: false,
+            duplicate: true,
+            step_seconds: 0.0,
+            saga_seconds: 0.0,
+            messages: Vec::new(),
+        }
+    }
+
     /// Records the saga metrics; call after the transaction committed.
     pub fn record_metrics(&self) {
         if self.from != self.to {
@@ -518,7 +543,17 @@ impl SagaStore {
         let fingerprints: Vec<&str> = sagas.iter().map(|s| s.fingerprint.as_str()).collect();
         let deadlines: Vec<f64> = sagas.iter().map(|s| s.deadline.as_secs_f64()).collect();
         let all: Vec<OutgoingMessage> = sagas.iter().flat_map(|s| s.messages.clone()).collect();
-        let mut tx = self.pool.begin().await?;
+        // Without idempotency keys no order can be turned away (each id is new): the statement
+        // writes the whole batch with its outbox row or fails, and needs no transaction (two
+        // round trips less). A key taken meanwhile is only possible with keys.
+        let keyless = sagas.iter().all(|s| s.key.is_none());
+        let mut pooled: Option<sqlx::pool::PoolConnection<sqlx::Postgres>> = None;
+        let mut tx: Option<sqlx::Transaction<'_, sqlx::Postgres>> = None;
+        let conn: &mut PgConnection = if keyless {
+            pooled.insert(self.pool.acquire().await?)
+        } else {
+            tx.insert(self.pool.begin().await?)
+        };
         let query = sqlx::query_as(sqlx::AssertSqlSafe(INSERT_SQL.as_str()))
             .bind(&ids)
             .bind(&customers)
@@ -535,11 +570,13 @@ impl SagaStore {
             .outbox
             .row(&all)
             .bind(query)
-            .fetch_all(&mut *tx)
+            .fetch_all(&mut *conn)
             .await?;
         let written: HashMap<Uuid, DateTime<Utc>> = written.into_iter().collect();
         let messages = if written.len() == sagas.len() {
             all
+        } else if keyless {
+            return Err(StoreError::Conflict("new orders were not written".into()));
         } else {
             // An idempotency key was taken meanwhile, so the statement wrote no outbox row: write
             // the messages of the orders that were written.
@@ -548,10 +585,12 @@ impl SagaStore {
                 .filter(|s| written.contains_key(&s.order_id))
                 .flat_map(|s| s.messages.iter().cloned())
                 .collect();
-            self.outbox.enqueue(&mut tx, &messages).await?;
+            self.outbox.enqueue(&mut *conn, &messages).await?;
             messages
         };
-        tx.commit().await?;
+        if let Some(tx) = tx {
+            tx.commit().await?;
+        }
         self.outbox.publish_committed(messages);
         Ok(written)
     }
@@ -657,18 +696,39 @@ impl SagaStore {
         Ok(applied)
     }
 
-    /// Feeds events to their sagas inside the caller's transaction with two statements for the
-    /// whole batch: read every saga, run the machine in memory (events of one saga in the order
-    /// given), then write states and history. Concurrency is optimistic: the write checks each
-    /// saga's version, and a saga changed meanwhile (by another replica, the sweeper or an
-    /// operator) fails the batch with `Conflict`, to be retried. Locking up front would cost a
-    /// row lock, and its WAL record, per saga on every step, for a race that is rare.
-    /// The messages of every transition go to the outbox in that same statement; the caller
-    /// publishes [`AppliedBatch::outbox`] once the transaction committed.
+    /// Feeds events to their sagas with two statements for the whole batch: read every saga, run
+    /// the machine in memory (events of one saga in the order given), then write states and
+    /// history. Concurrency is optimistic: the write checks each saga's version, and a saga
+    /// changed meanwhile (by another replica, the sweeper or an operator) fails the batch with
+    /// `Conflict`, to be retried. Locking up front would cost a row lock, and its WAL record, per
+    /// saga on every step, for a race that is rare. The messages of every transition go to the
+    /// outbox in that same statement; the caller publishes [`AppliedBatch::outbox`] once it
+    /// committed. The write is one statement, so `conn` needs no transaction.
     pub async fn apply_many(
         &self,
         conn: &mut PgConnection,
         events: &[SagaEvent],
+    ) -> Result<AppliedBatch, StoreError> {
+        self.apply_batch(conn, events, false).await
+    }
+
+    /// Like [`SagaStore::apply_many`] for events carried by replies (`causation_id` is the
+    /// reply's message id), which the write also records in the inbox. A reply recorded before,
+    /// or twice in the batch, is not applied again (`Applied::duplicate`); one for no saga is
+    /// `NotFound` and is not recorded, so that a replay is not taken for a duplicate.
+    pub async fn apply_replies(
+        &self,
+        conn: &mut PgConnection,
+        events: &[SagaEvent],
+    ) -> Result<AppliedBatch, StoreError> {
+        self.apply_batch(conn, events, true).await
+    }
+
+    async fn apply_batch(
+        &self,
+        conn: &mut PgConnection,
+        events: &[SagaEvent],
+        replies: bool,
     ) -> Result<AppliedBatch, StoreError> {
         if events.is_empty() {
             return Ok(AppliedBatch::default());
@@ -676,16 +736,29 @@ impl SagaStore {
         let mut ids: Vec<Uuid> = events.iter().map(|e| e.order_id).collect();
         ids.sort_unstable();
         ids.dedup();
+        let message_ids: Vec<Uuid> = if replies {
+            events.iter().filter_map(|e| e.causation_id).collect()
+        } else {
+            Vec::new()
+        };
         let rows: Vec<SagaRow> = sqlx::query_as(
             "select order_id, state, status, version, customer_id, items, total_cents, \
              cancel_reason, cancel_detail, \
              extract(epoch from clock_timestamp() - updated_at)::float8, \
-             extract(epoch from clock_timestamp() - created_at)::float8 \
+             extract(epoch from clock_timestamp() - created_at)::float8, \
+             (select coalesce(array_agg(message_id), '{}') from processed_message \
+              where message_id = any($2)) \
              from saga_order where order_id = any($1)",
         )
         .bind(&ids)
+        .bind(&message_ids)
         .fetch_all(&mut *conn)
         .await?;
+        // Every row carries the same list: the batch's replies already in the inbox.
+        let mut seen: HashSet<Uuid> = rows
+            .first()
+            .map(|r| r.11.iter().copied().collect())
+            .unwrap_or_default();
         let mut sagas: HashMap<Uuid, Loaded> = rows
             .into_iter()
             .map(|r| {
@@ -709,17 +782,26 @@ impl SagaStore {
         let mut history = History::default();
         let mut results = Vec::with_capacity(events.len());
         let mut outbox = Vec::new();
+        let mut inbox = Vec::new();
         for e in events {
             let Some(saga) = sagas.get_mut(&e.order_id) else {
                 results.push(Err(StoreError::NotFound(e.order_id)));
                 continue;
             };
+            if replies && let Some(message_id) = e.causation_id {
+                // `insert` is false for a reply seen before or earlier in this batch.
+                if !seen.insert(message_id) {
+                    results.push(Ok(Applied::duplicate()));
+                    continue;
+                }
+                inbox.push(message_id);
+            }
             let span = transition_span(e.order_id, e.event.name(), &e.parent);
             let mut applied = span.in_scope(|| self.step(e, saga, &mut history));
             outbox.append(&mut applied.messages);
             results.push(Ok(applied));
         }
-        self.write(conn, &sagas, &history, &outbox).await?;
+        self.write(conn, &sagas, &history, &outbox, &inbox).await?;
         Ok(AppliedBatch { results, outbox })
     }
 
@@ -748,6 +830,7 @@ impl SagaStore {
             to: to.into(),
             finished: None,
             changed: false,
+            duplicate: false,
             step_seconds: saga.step_seconds,
             saga_seconds: saga.saga_seconds,
             messages: Vec::new(),
@@ -820,18 +903,20 @@ impl SagaStore {
         applied
     }
 
-    /// Writes every changed saga and the history rows in one statement, if no saga changed since
-    /// it was read. Rows are updated in id order, so concurrent batches cannot deadlock.
+    /// Writes every changed saga, the history rows, the outbox row and the replies' inbox
+    /// entries in one statement, or nothing if a saga changed or a reply was recorded since the
+    /// read (`Conflict`). Rows are updated in id order, so concurrent batches cannot deadlock.
     async fn write(
         &self,
         conn: &mut PgConnection,
         sagas: &HashMap<Uuid, Loaded>,
         history: &History,
         outbox: &[OutgoingMessage],
+        inbox: &[Uuid],
     ) -> Result<(), StoreError> {
         let mut changed: Vec<(&Uuid, &Loaded)> = sagas.iter().filter(|(_, s)| s.changed).collect();
         changed.sort_unstable_by_key(|(id, _)| **id);
-        if changed.is_empty() && outbox.is_empty() {
+        if changed.is_empty() && outbox.is_empty() && inbox.is_empty() {
             return Ok(());
         }
         let ids: Vec<Uuid> = changed.iter().map(|(id, _)| **id).collect();
@@ -873,16 +958,20 @@ impl SagaStore {
             .bind(&history.from)
             .bind(&history.to)
             .bind(&history.event);
-        let (updated,): (i64,) = self
+        let written: Result<(i64,), sqlx::Error> = self
             .outbox
             .row(outbox)
             .bind(query)
+            .bind(inbox)
             .fetch_one(&mut *conn)
-            .await?;
-        if updated != ids.len() as i64 {
-            return Err(StoreError::Conflict("sagas changed concurrently".into()));
+            .await;
+        match written {
+            Ok(_) => Ok(()),
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some(SERIALIZATION_FAILURE) => {
+                Err(StoreError::Conflict(e.message().to_owned()))
+            }
+            Err(e) => Err(e.into()),
         }
-        Ok(())
     }
 
     /// The order with its history.

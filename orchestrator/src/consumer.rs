@@ -4,7 +4,7 @@ use sqlx::{PgConnection, PgPool};
 
 use saga_shared_events::Body;
 use saga_shared_events::consumer::{BatchWork, GroupCommit, HandlerError, Incoming};
-use saga_shared_events::outbox::{Outbox, OutgoingMessage};
+use saga_shared_events::outbox::Outbox;
 
 use crate::saga::machine::Event;
 use crate::saga::store::{Applied, SagaEvent, SagaStore, StoreError};
@@ -49,8 +49,8 @@ pub fn event_of(body: &Body) -> Option<Event> {
 }
 
 impl GroupCommit for ReplyHandler {
-    /// The transitions, and the messages the store already wrote to the outbox.
-    type Committed = (Vec<Applied>, Vec<OutgoingMessage>);
+    /// The transitions.
+    type Committed = Vec<Applied>;
 
     fn pool(&self) -> &PgPool {
         self.store.pool()
@@ -62,7 +62,7 @@ impl GroupCommit for ReplyHandler {
 
     /// The store reads the batch's sagas and which replies it saw before, then writes the
     /// inbox entries, transitions and outbox row in one statement.
-    fn writes_in_one_statement(&self) -> bool {
+    fn commits_itself(&self) -> bool {
         true
     }
 
@@ -115,18 +115,16 @@ impl GroupCommit for ReplyHandler {
                 Err(e) => outcomes[*i] = Err(HandlerError::Permanent(e.to_string())),
             }
         }
-        // The store wrote the outbox row itself: the shell has nothing to enqueue.
         Ok(BatchWork {
             outcomes,
-            messages: Vec::new(),
-            committed: (applied, batch.outbox),
+            messages: batch.outbox,
+            committed: applied,
         })
     }
 
-    fn after_commit(&self, (applied, messages): Self::Committed) {
+    fn after_commit(&self, applied: Self::Committed) {
         for a in &applied {
             a.record_metrics();
         }
-        self.store.outbox().publish_committed(messages);
     }
 }

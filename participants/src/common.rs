@@ -9,7 +9,7 @@ use axum::extract::State;
 use axum::routing::get;
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
-use sqlx::PgConnection;
+use sqlx::{Connection, PgConnection};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -142,6 +142,44 @@ pub trait Decide: Send + Sync + 'static {
         commands: &[&Body],
         chaos: &Chaos,
     ) -> impl std::future::Future<Output = Result<Vec<Result<Body, HandlerError>>, HandlerError>> + Send;
+
+    /// The fast path of a batch whose every reply follows from a decision made here, as on a
+    /// first delivery: decide, turn the replies (one per command, in order) into messages with
+    /// `messages`, then claim the decisions, record `inbox` and write the outbox row in one
+    /// statement (see [`at_once_sql`]), outside any transaction. It fails with a write conflict,
+    /// having written nothing, when a decision or a message was seen before; the batch then
+    /// takes the transactional path ([`Decide::decide`]). `None`: no fast path for this batch.
+    fn decide_at_once(
+        &self,
+        conn: &mut PgConnection,
+        commands: &[&Body],
+        chaos: &Chaos,
+        inbox: &[Uuid],
+        outbox: &Outbox,
+        messages: &(dyn Fn(Vec<Body>) -> Vec<OutgoingMessage> + Sync),
+    ) -> impl std::future::Future<Output = Option<Result<Vec<OutgoingMessage>, sqlx::Error>>> + Send
+    {
+        let _ = (conn, commands, chaos, inbox, outbox, messages);
+        async { None }
+    }
+}
+
+/// The statement of a [`Decide::decide_at_once`]: `claim`, a data-modifying statement with
+/// parameters `$1` to `$n` that returns one row per decision it claimed and whose `$1` is the
+/// array of planned decisions; then the inbox entries (`$n+1`), the outbox row (five parameters
+/// from `$n+2`, bound with [`Outbox::row`]) and the check that every decision and every message
+/// was new.
+pub fn at_once_sql(claim: &str, n: usize) -> String {
+    let inbox = n + 1;
+    format!(
+        "with c as ({claim}), \
+         i as (insert into processed_message (message_id) select unnest(${inbox}::uuid[]) \
+           on conflict do nothing returning 1), \
+         o as ({}) \
+         select one_statement_check((select count(*) from c), cardinality($1), \
+                                    (select count(*) from i), cardinality(${inbox}::uuid[]))",
+        saga_shared_events::outbox::OutboxRow::insert_sql(n + 2)
+    )
 }
 
 /// The consumer handler wrapping a participant's `Decide`.
@@ -171,11 +209,18 @@ impl<D: Decide> GroupCommit for CommandHandler<D> {
         }
     }
 
-    /// Commands of different orders share one transaction and one statement per step; a batch
-    /// holding the same order twice is refused, so its commands go one by one, in order.
+    /// `work` commits in one statement, or in a transaction it opens when it must.
+    fn commits_itself(&self) -> bool {
+        true
+    }
+
+    /// The fast path first (decisions, inbox and outbox row in one statement); when there is
+    /// none or it meets a command or decision seen before, a transaction of inbox, decisions
+    /// and outbox. Commands of different orders share each statement; a batch holding the same
+    /// order twice is refused, so its commands go one by one, in order.
     async fn work(
         &self,
-        tx: &mut PgConnection,
+        conn: &mut PgConnection,
         msgs: &[Incoming],
     ) -> Result<BatchWork<()>, HandlerError> {
         let chaos = current(&self.chaos);
@@ -196,39 +241,92 @@ impl<D: Decide> GroupCommit for CommandHandler<D> {
                 todo.push(i);
             }
         }
+        todo.sort_by_key(|&i| msgs[i].envelope.saga_id);
+        if todo.is_empty() {
+            return Ok(BatchWork {
+                outcomes,
+                messages: Vec::new(),
+                committed: (),
+            });
+        }
+        {
+            let ids: Vec<Uuid> = todo.iter().map(|&i| msgs[i].envelope.message_id).collect();
+            let commands: Vec<&Body> = todo.iter().map(|&i| &msgs[i].envelope.body).collect();
+            let build = |replies: Vec<Body>| {
+                let replies = todo.iter().copied().zip(replies).collect();
+                self.reply_messages(msgs, replies, &chaos)
+            };
+            let fast = self
+                .decide
+                .decide_at_once(conn, &commands, &chaos, &ids, &self.outbox, &build)
+                .await;
+            match fast {
+                Some(Ok(messages)) => {
+                    return Ok(BatchWork {
+                        outcomes,
+                        messages,
+                        committed: (),
+                    });
+                }
+                Some(Err(e)) if saga_shared_events::db::is_write_conflict(&e) => {
+                    tracing::debug!(error = %e, "seen before; deciding in a transaction")
+                }
+                Some(Err(e)) => return Err(e.into()),
+                None => {}
+            }
+        }
+
+        let mut tx = conn.begin().await?;
         let ids: Vec<Uuid> = todo.iter().map(|&i| msgs[i].envelope.message_id).collect();
-        let mut new = inbox::record_many(tx, &ids).await?;
+        let mut new = inbox::record_many(&mut tx, &ids).await?;
         // Redeliveries of handled commands are acknowledged without a second reply.
         todo.retain(|&i| new.remove(&msgs[i].envelope.message_id));
-        todo.sort_by_key(|&i| msgs[i].envelope.saga_id);
-        let spans: Vec<tracing::Span> = todo
-            .iter()
-            .map(|&i| {
-                let env = &msgs[i].envelope;
-                tracing::info_span!(
-                    parent: &msgs[i].span,
-                    "decide",
-                    otel.name = %format!("{} {}", D::PARTICIPANT.as_str(), env.body.message_type()),
-                    saga_id = %env.saga_id,
-                    otel.status_code = tracing::field::Empty,
-                    otel.status_description = tracing::field::Empty,
-                )
-            })
-            .collect();
         let commands: Vec<&Body> = todo.iter().map(|&i| &msgs[i].envelope.body).collect();
-        let decisions = self.decide.decide(tx, &commands, &chaos).await?;
-        let mut messages = Vec::with_capacity(todo.len());
+        let decisions = self.decide.decide(&mut tx, &commands, &chaos).await?;
+        let mut replies = Vec::with_capacity(todo.len());
         let mut refused = Vec::new();
-        for ((&i, span), decision) in todo.iter().zip(spans).zip(decisions) {
-            let env = &msgs[i].envelope;
-            let reply = match decision {
-                Ok(reply) => reply,
+        for (&i, decision) in todo.iter().zip(decisions) {
+            match decision {
+                Ok(reply) => replies.push((i, reply)),
                 Err(e) => {
-                    refused.push(env.message_id);
+                    refused.push(msgs[i].envelope.message_id);
                     outcomes[i] = Err(e);
-                    continue;
                 }
-            };
+            }
+        }
+        let messages = self.reply_messages(msgs, replies, &chaos);
+        // A refused command is dead-lettered; its replay must not look like a duplicate.
+        inbox::forget(&mut tx, &refused).await?;
+        self.outbox.enqueue(&mut tx, &messages).await?;
+        tx.commit().await?;
+        Ok(BatchWork {
+            outcomes,
+            messages,
+            committed: (),
+        })
+    }
+}
+
+impl<D: Decide> CommandHandler<D> {
+    /// The reply messages, each under a decision span of its command's trace (`replies` pairs
+    /// a message's index in `msgs` with its reply); chaos may send one twice.
+    fn reply_messages(
+        &self,
+        msgs: &[Incoming],
+        replies: Vec<(usize, Body)>,
+        chaos: &Chaos,
+    ) -> Vec<OutgoingMessage> {
+        let mut messages = Vec::with_capacity(replies.len());
+        for (i, reply) in replies {
+            let env = &msgs[i].envelope;
+            let span = tracing::info_span!(
+                parent: &msgs[i].span,
+                "decide",
+                otel.name = %format!("{} {}", D::PARTICIPANT.as_str(), env.body.message_type()),
+                saga_id = %env.saga_id,
+                otel.status_code = tracing::field::Empty,
+                otel.status_description = tracing::field::Empty,
+            );
             if let Body::InventoryRejected(r) | Body::PaymentDeclined(r) | Body::ShippingFailed(r) =
                 &reply
             {
@@ -249,13 +347,7 @@ impl<D: Decide> GroupCommit for CommandHandler<D> {
                 )));
             }
         }
-        // A refused command is dead-lettered; its replay must not look like a duplicate.
-        inbox::forget(tx, &refused).await?;
-        Ok(BatchWork {
-            outcomes,
-            messages,
-            committed: (),
-        })
+        messages
     }
 }
 

@@ -13,7 +13,9 @@ use saga_shared_events::consumer::HandlerError;
 use saga_shared_events::contract::{Body, ChargePayment, Charged, OrderRef, Participant, Refusal};
 use saga_shared_events::http::Problem;
 
-use crate::common::{Chaos, Decide, answers, internal, with_earlier, wrong_command};
+use saga_shared_events::outbox::{Outbox, OutgoingMessage};
+
+use crate::common::{Chaos, Decide, answers, at_once_sql, internal, with_earlier, wrong_command};
 
 /// Migrations of the payment database.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/payment");
@@ -50,7 +52,109 @@ impl Decide for Payment {
         refund(conn, &refunds, &mut out).await?;
         Ok(answers(out))
     }
+
+    /// A batch of charges only: each first charge's reply is the decision drawn here. (A
+    /// refund's reply depends on what is stored.)
+    async fn decide_at_once(
+        &self,
+        conn: &mut PgConnection,
+        commands: &[&Body],
+        chaos: &Chaos,
+        inbox: &[Uuid],
+        outbox: &Outbox,
+        messages: &(dyn Fn(Vec<Body>) -> Vec<OutgoingMessage> + Sync),
+    ) -> Option<Result<Vec<OutgoingMessage>, sqlx::Error>> {
+        let charges: Vec<&ChargePayment> = commands
+            .iter()
+            .map(|c| match c {
+                Body::ChargePayment(c) if c.amount_cents >= 0 => Some(c),
+                _ => None,
+            })
+            .collect::<Option<_>>()?;
+        let plan = ChargePlan::draw(&charges, chaos.success_rate.unwrap_or(1.0));
+        let replies = charges
+            .iter()
+            .zip(&plan.statuses)
+            .zip(&plan.reasons)
+            .map(|((c, status), reason)| {
+                charge_reply(
+                    c.order_id,
+                    status,
+                    c.amount_cents,
+                    reason.map(str::to_owned),
+                )
+            })
+            .collect();
+        let messages = messages(replies);
+        let query = sqlx::query_as::<_, (i64,)>(sqlx::AssertSqlSafe(CHARGE_AT_ONCE_SQL.as_str()));
+        let written = outbox
+            .row(&messages)
+            .bind(plan.bind(query).bind(inbox))
+            .fetch_one(conn)
+            .await;
+        Some(written.map(|_| {
+            for status in &plan.statuses {
+                metrics::counter!("payments_total", "result" => *status).increment(1);
+            }
+            messages
+        }))
+    }
 }
+
+/// The decisions drawn for a batch of charges, as the columns of their rows.
+struct ChargePlan<'a> {
+    ids: Vec<Uuid>,
+    statuses: Vec<&'static str>,
+    amounts: Vec<i64>,
+    customers: Vec<&'a str>,
+    reasons: Vec<Option<&'static str>>,
+}
+
+impl<'a> ChargePlan<'a> {
+    /// Approves each charge with probability `success_rate`.
+    fn draw(charges: &[&'a ChargePayment], success_rate: f64) -> Self {
+        let mut plan = ChargePlan {
+            ids: Vec::with_capacity(charges.len()),
+            statuses: Vec::with_capacity(charges.len()),
+            amounts: Vec::with_capacity(charges.len()),
+            customers: Vec::with_capacity(charges.len()),
+            reasons: Vec::with_capacity(charges.len()),
+        };
+        for c in charges {
+            let approve = success_rate >= 1.0 || rand::random_bool(success_rate.clamp(0.0, 1.0));
+            plan.ids.push(c.order_id);
+            plan.statuses
+                .push(if approve { "charged" } else { "declined" });
+            plan.amounts.push(c.amount_cents);
+            plan.customers.push(c.customer_id.as_str());
+            plan.reasons
+                .push((!approve).then_some("card declined by issuer"));
+        }
+        plan
+    }
+
+    /// Binds the five columns of [`CLAIM_SQL`], as `$1` to `$5`.
+    fn bind<'q, O>(
+        &'q self,
+        query: sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments> {
+        query
+            .bind(&self.ids)
+            .bind(&self.statuses)
+            .bind(&self.amounts)
+            .bind(&self.customers)
+            .bind(&self.reasons)
+    }
+}
+
+/// Claims the decision of every order not decided before.
+const CLAIM_SQL: &str = "insert into payment (order_id, status, amount_cents, customer_id, reason) \
+     select * from unnest($1::uuid[], $2::text[], $3::int8[], $4::text[], $5::text[]) \
+     on conflict do nothing returning order_id, status, amount_cents, reason";
+
+/// The claims, inbox entries and outbox row of a batch of first charges, in one statement.
+static CHARGE_AT_ONCE_SQL: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| at_once_sql(CLAIM_SQL, 5));
 
 type Decision = (Uuid, String, i64, Option<String>);
 
@@ -63,38 +167,19 @@ async fn charge(
     if charges.is_empty() {
         return Ok(());
     }
-    let mut ids = Vec::with_capacity(charges.len());
-    let mut statuses = Vec::with_capacity(charges.len());
-    let mut amounts = Vec::with_capacity(charges.len());
-    let mut customers = Vec::with_capacity(charges.len());
-    let mut reasons = Vec::with_capacity(charges.len());
-    for (_, c) in charges {
-        let approve = success_rate >= 1.0 || rand::random_bool(success_rate.clamp(0.0, 1.0));
-        ids.push(c.order_id);
-        statuses.push(if approve { "charged" } else { "declined" });
-        amounts.push(c.amount_cents);
-        customers.push(c.customer_id.as_str());
-        reasons.push((!approve).then_some("card declined by issuer"));
-    }
-    // Claims the decision of every order not decided before; the rest answer what is stored.
-    let claimed: Vec<Decision> = sqlx::query_as(
-        "insert into payment (order_id, status, amount_cents, customer_id, reason) \
-         select * from unnest($1::uuid[], $2::text[], $3::int8[], $4::text[], $5::text[]) \
-         on conflict do nothing returning order_id, status, amount_cents, reason",
-    )
-    .bind(&ids)
-    .bind(&statuses)
-    .bind(&amounts)
-    .bind(&customers)
-    .bind(&reasons)
-    .fetch_all(&mut *conn)
-    .await?;
+    let commands: Vec<&ChargePayment> = charges.iter().map(|(_, c)| *c).collect();
+    let plan = ChargePlan::draw(&commands, success_rate);
+    // Orders decided before answer what is stored.
+    let claimed: Vec<Decision> = plan
+        .bind(sqlx::query_as(CLAIM_SQL))
+        .fetch_all(&mut *conn)
+        .await?;
     for (_, status, _, _) in &claimed {
         metrics::counter!("payments_total", "result" => status.clone()).increment(1);
     }
     let decided = with_earlier(
         conn,
-        &ids,
+        &plan.ids,
         claimed,
         |d| d.0,
         "select order_id, status, amount_cents, reason from payment where order_id = any($1)",

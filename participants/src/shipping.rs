@@ -13,7 +13,9 @@ use saga_shared_events::consumer::HandlerError;
 use saga_shared_events::contract::{Body, OrderRef, Participant, Refusal};
 use saga_shared_events::http::Problem;
 
-use crate::common::{Chaos, Decide, answers, internal, with_earlier, wrong_command};
+use saga_shared_events::outbox::{Outbox, OutgoingMessage};
+
+use crate::common::{Chaos, Decide, answers, at_once_sql, internal, with_earlier, wrong_command};
 
 /// Migrations of the shipping database.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/shipping");
@@ -36,63 +38,33 @@ impl Decide for Shipping {
         let mut out: Vec<Option<Result<Body, HandlerError>>> =
             commands.iter().map(|_| None).collect();
         let mut idx = Vec::with_capacity(commands.len());
-        let mut ids = Vec::with_capacity(commands.len());
-        let mut statuses = Vec::with_capacity(commands.len());
-        let mut customers = Vec::with_capacity(commands.len());
-        let mut reasons = Vec::with_capacity(commands.len());
+        let mut plan = ShipPlan::with_capacity(commands.len());
         for (i, command) in commands.iter().enumerate() {
-            let (order_id, customer_id, status, reason) = match command {
-                Body::ShipOrder(c) => {
-                    if rate >= 1.0 || rand::random_bool(rate.clamp(0.0, 1.0)) {
-                        (c.order_id, c.customer_id.as_str(), "shipped", None)
-                    } else {
-                        let reason = Some("carrier could not ship the order");
-                        (c.order_id, c.customer_id.as_str(), "failed", reason)
-                    }
-                }
-                Body::CancelShipment(c) => (
-                    c.order_id,
-                    "",
-                    "cancelled",
-                    Some("shipment cancelled before it went out"),
-                ),
-                other => {
-                    out[i] = Some(Err(wrong_command(Self::PARTICIPANT, other)));
-                    continue;
-                }
-            };
-            idx.push(i);
-            ids.push(order_id);
-            statuses.push(status);
-            customers.push(customer_id);
-            reasons.push(reason);
+            if plan.draw(command, rate) {
+                idx.push(i);
+            } else {
+                out[i] = Some(Err(wrong_command(Self::PARTICIPANT, command)));
+            }
         }
-        if !ids.is_empty() {
+        if !idx.is_empty() {
             // A cancel that comes first stops the shipment; one that comes late gets the stored
             // `shipped`.
-            let claimed: Vec<Decision> = sqlx::query_as(
-                "insert into shipment (order_id, status, customer_id, reason) \
-                 select * from unnest($1::uuid[], $2::text[], $3::text[], $4::text[]) \
-                 on conflict do nothing returning order_id, status, reason",
-            )
-            .bind(&ids)
-            .bind(&statuses)
-            .bind(&customers)
-            .bind(&reasons)
-            .fetch_all(&mut *conn)
-            .await?;
+            let claimed: Vec<Decision> = plan
+                .bind(sqlx::query_as(CLAIM_SQL))
+                .fetch_all(&mut *conn)
+                .await?;
             for (_, status, _) in &claimed {
                 metrics::counter!("shipments_total", "result" => status.clone()).increment(1);
             }
             let mut decided = with_earlier(
                 conn,
-                &ids,
+                &plan.ids,
                 claimed,
                 |d| d.0,
                 "select order_id, status, reason from shipment where order_id = any($1)",
             )
             .await?;
-            for (&i, order_id) in idx.iter().zip(&ids) {
+            for (&i, order_id) in idx.iter().zip(&plan.ids) {
                 out[i] = Some(match decided.remove(order_id) {
                     Some((order_id, status, reason)) => Ok(reply(order_id, &status, reason)),
                     None => Err(HandlerError::Transient("shipping decision vanished".into())),
@@ -101,7 +73,109 @@ impl Decide for Shipping {
         }
         Ok(answers(out))
     }
+
+    /// Every ship and cancel is a claim: on first delivery its reply is the decision drawn here.
+    async fn decide_at_once(
+        &self,
+        conn: &mut PgConnection,
+        commands: &[&Body],
+        chaos: &Chaos,
+        inbox: &[Uuid],
+        outbox: &Outbox,
+        messages: &(dyn Fn(Vec<Body>) -> Vec<OutgoingMessage> + Sync),
+    ) -> Option<Result<Vec<OutgoingMessage>, sqlx::Error>> {
+        let rate = chaos.success_rate.unwrap_or(1.0);
+        let mut plan = ShipPlan::with_capacity(commands.len());
+        for command in commands {
+            if !plan.draw(command, rate) {
+                return None;
+            }
+        }
+        let replies = (plan.ids.iter().zip(&plan.statuses).zip(&plan.reasons))
+            .map(|((id, status), reason)| reply(*id, status, reason.map(str::to_owned)))
+            .collect();
+        let messages = messages(replies);
+        let query = sqlx::query_as::<_, (i64,)>(sqlx::AssertSqlSafe(SHIP_AT_ONCE_SQL.as_str()));
+        let written = outbox
+            .row(&messages)
+            .bind(plan.bind(query).bind(inbox))
+            .fetch_one(conn)
+            .await;
+        Some(written.map(|_| {
+            for status in &plan.statuses {
+                metrics::counter!("shipments_total", "result" => *status).increment(1);
+            }
+            messages
+        }))
+    }
 }
+
+/// The decisions drawn for a batch of commands, as the columns of their rows.
+struct ShipPlan<'a> {
+    ids: Vec<Uuid>,
+    statuses: Vec<&'static str>,
+    customers: Vec<&'a str>,
+    reasons: Vec<Option<&'static str>>,
+}
+
+impl<'a> ShipPlan<'a> {
+    fn with_capacity(n: usize) -> Self {
+        ShipPlan {
+            ids: Vec::with_capacity(n),
+            statuses: Vec::with_capacity(n),
+            customers: Vec::with_capacity(n),
+            reasons: Vec::with_capacity(n),
+        }
+    }
+
+    /// Adds the decision for `command`: a shipment with probability `rate`, or a cancellation;
+    /// false for a command that is not shipping's.
+    fn draw(&mut self, command: &'a Body, rate: f64) -> bool {
+        let (order_id, customer_id, status, reason) = match command {
+            Body::ShipOrder(c) => {
+                if rate >= 1.0 || rand::random_bool(rate.clamp(0.0, 1.0)) {
+                    (c.order_id, c.customer_id.as_str(), "shipped", None)
+                } else {
+                    let reason = Some("carrier could not ship the order");
+                    (c.order_id, c.customer_id.as_str(), "failed", reason)
+                }
+            }
+            Body::CancelShipment(c) => (
+                c.order_id,
+                "",
+                "cancelled",
+                Some("shipment cancelled before it went out"),
+            ),
+            _ => return false,
+        };
+        self.ids.push(order_id);
+        self.statuses.push(status);
+        self.customers.push(customer_id);
+        self.reasons.push(reason);
+        true
+    }
+
+    /// Binds the four columns of [`CLAIM_SQL`], as `$1` to `$4`.
+    fn bind<'q, O>(
+        &'q self,
+        query: sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments> {
+        query
+            .bind(&self.ids)
+            .bind(&self.statuses)
+            .bind(&self.customers)
+            .bind(&self.reasons)
+    }
+}
+
+/// Claims the decision of every order not decided before.
+const CLAIM_SQL: &str = "insert into shipment (order_id, status, customer_id, reason) \
+     select * from unnest($1::uuid[], $2::text[], $3::text[], $4::text[]) \
+     on conflict do nothing returning order_id, status, reason";
+
+/// The claims, inbox entries and outbox row of a batch of first commands, in one statement.
+static SHIP_AT_ONCE_SQL: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| at_once_sql(CLAIM_SQL, 4));
 
 type Decision = (Uuid, String, Option<String>);
 

@@ -127,11 +127,12 @@ pub trait GroupCommit: Send + Sync + 'static {
         let _ = committed;
     }
 
-    /// True when `work` writes everything it changes (inbox, state and outbox row) in a single
-    /// statement, reading before it with optimistic checks: a statement commits atomically on
-    /// its own, so the shell runs `work` without BEGIN and COMMIT, two round trips less per
-    /// batch. `work` must then return no `messages` for the shell to enqueue.
-    fn writes_in_one_statement(&self) -> bool {
+    /// True when `work` commits what it writes itself, `messages` in the outbox included: in
+    /// one statement (which commits atomically on its own, so BEGIN and COMMIT, two round trips,
+    /// are saved), or in a transaction it opens on the connection when that statement cannot do.
+    /// The shell then hands it a connection outside any transaction and only publishes
+    /// `messages` once `work` returned.
+    fn commits_itself(&self) -> bool {
         false
     }
 }
@@ -183,17 +184,9 @@ async fn commit_together<G: GroupCommit>(
         messages = msgs.len()
     );
     let work = async {
-        if handler.writes_in_one_statement() {
+        if handler.commits_itself() {
             let mut conn = handler.pool().acquire().await?;
-            let work = handler.work(&mut conn, msgs).await?;
-            if !work.messages.is_empty() {
-                // A contract breach of the handler: committed, but these would never be sent.
-                tracing::error!(
-                    messages = work.messages.len(),
-                    "a one-statement handler returned messages to enqueue; they are dropped"
-                );
-            }
-            return Ok(work);
+            return handler.work(&mut conn, msgs).await;
         }
         let mut tx = handler.pool().begin().await?;
         let work = handler.work(&mut tx, msgs).await?;

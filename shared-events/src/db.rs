@@ -83,6 +83,13 @@ async fn try_connect(opts: &PgConnectOptions, max_connections: u32) -> Result<Pg
         .await
 }
 
+/// Whether `e` is `one_statement_check` refusing a batch written in one statement (SQLSTATE
+/// 40001, serialization_failure): nothing of the batch was written, and it can be tried again.
+/// See `migrations/messaging/0009_one_statement_writes.sql`.
+pub fn is_write_conflict(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some("40001"))
+}
+
 fn is_missing_database(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some("3D000"))
 }

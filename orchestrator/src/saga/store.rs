@@ -156,9 +156,6 @@ type SagaRow = (
     Vec<Uuid>,
 );
 
-/// The SQLSTATE `saga_write_check` raises when a batch's sagas or replies changed since read.
-const SERIALIZATION_FAILURE: &str = "40001";
-
 /// A new saga on its way to the batch writer, with where its answer goes.
 type Intake = (NewSaga, oneshot::Sender<Result<Created, StoreError>>);
 
@@ -189,7 +186,7 @@ pub struct AppliedBatch {
 }
 
 /// The write of a batch in one statement: the replies' inbox entries, states (if unchanged since
-/// read), history and the outbox row. `saga_write_check` aborts it whole when a saga changed or a
+/// read), history and the outbox row. `one_statement_check` aborts it whole when a saga changed or a
 /// reply was recorded since the read, so it needs no transaction around it.
 static WRITE_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
@@ -206,7 +203,7 @@ static WRITE_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
          o as ({}), \
          i as (insert into processed_message (message_id) select unnest($18::uuid[]) \
            on conflict do nothing returning 1) \
-         select saga_write_check((select count(*) from u), cardinality($1::uuid[]), \
+         select one_statement_check((select count(*) from u), cardinality($1::uuid[]), \
                                  (select count(*) from i), cardinality($18::uuid[]))",
         OutboxRow::insert_sql(13)
     )
@@ -967,8 +964,8 @@ impl SagaStore {
             .await;
         match written {
             Ok(_) => Ok(()),
-            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some(SERIALIZATION_FAILURE) => {
-                Err(StoreError::Conflict(e.message().to_owned()))
+            Err(e) if saga_shared_events::db::is_write_conflict(&e) => {
+                Err(StoreError::Conflict(e.to_string()))
             }
             Err(e) => Err(e.into()),
         }

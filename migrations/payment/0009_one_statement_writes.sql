@@ -1,0 +1,1 @@
+../messaging/0009_one_statement_writes.sql

@@ -164,21 +164,31 @@ pub trait Decide: Send + Sync + 'static {
     }
 }
 
-/// The statement of a [`Decide::decide_at_once`]: `claim`, a data-modifying statement with
-/// parameters `$1` to `$n` that returns one row per decision it claimed and whose `$1` is the
-/// array of planned decisions; then the inbox entries (`$n+1`), the outbox row (five parameters
-/// from `$n+2`, bound with [`Outbox::row`]) and the check that every decision and every message
-/// was new.
-pub fn at_once_sql(claim: &str, n: usize) -> String {
+/// The statement of a [`Decide::decide_at_once`]: `writes`, data-modifying CTEs with
+/// parameters `$1` to `$n` that return one row per row written, of which `written` counts the
+/// rows and `planned` the rows meant; then the inbox entries (`$n+1`), the outbox row (five
+/// parameters from `$n+2`, bound with [`Outbox::row`]) and the check that every planned row was
+/// written (no decision was claimed before) and every message was new.
+pub fn at_once_sql(writes: &str, written: &str, planned: &str, n: usize) -> String {
     let inbox = n + 1;
     format!(
-        "with c as ({claim}), \
+        "with {writes}, \
          i as (insert into processed_message (message_id) select unnest(${inbox}::uuid[]) \
            on conflict do nothing returning 1), \
          o as ({}) \
-         select one_statement_check((select count(*) from c), cardinality($1), \
+         select one_statement_check({written}, {planned}, \
                                     (select count(*) from i), cardinality(${inbox}::uuid[]))",
         saga_shared_events::outbox::OutboxRow::insert_sql(n + 2)
+    )
+}
+
+/// [`at_once_sql`] for one claim statement, whose `$1` is the array of orders to claim.
+pub fn claim_at_once_sql(claim: &str, n: usize) -> String {
+    at_once_sql(
+        &format!("c as ({claim})"),
+        "(select count(*) from c)",
+        "cardinality($1::uuid[])",
+        n,
     )
 }
 

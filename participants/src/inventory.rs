@@ -12,10 +12,11 @@ use uuid::Uuid;
 
 use saga_shared_events::auth::{Admin, Authorized, Read};
 use saga_shared_events::consumer::HandlerError;
-use saga_shared_events::contract::{Body, Line, OrderRef, Participant, Refusal};
+use saga_shared_events::contract::{Body, Line, OrderRef, Participant, Refusal, ReserveInventory};
 use saga_shared_events::http::{ApiJson, FieldError, Problem};
+use saga_shared_events::outbox::{Outbox, OutgoingMessage};
 
-use crate::common::{Chaos, Decide, answers, check_path_id, internal, wrong_command};
+use crate::common::{Chaos, Decide, answers, at_once_sql, check_path_id, internal, wrong_command};
 
 /// Migrations of the inventory database.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/inventory");
@@ -98,21 +99,16 @@ impl Decide for Inventory {
             })));
         }
         for (i, order_id, wanted) in &claimed {
-            let mut problems = Vec::new();
-            for (product, qty) in wanted {
-                match stock.get(*product) {
-                    None => problems.push(format!("unknown product {product}")),
-                    Some(avail) if avail < qty => problems.push(format!(
-                        "insufficient stock for {product}: {qty} wanted, {avail} available"
-                    )),
-                    Some(_) => {}
-                }
-            }
-            if problems.is_empty() {
+            if let Err(reason) = take(&mut stock, wanted) {
+                settled.push((*order_id, "rejected", Some(reason.clone())));
+                metrics::counter!("inventory_reservations_total", "result" => "rejected")
+                    .increment(1);
+                out[*i] = Some(Ok(Body::InventoryRejected(Refusal {
+                    order_id: *order_id,
+                    reason,
+                })));
+            } else {
                 for (product, qty) in wanted {
-                    if let Some(avail) = stock.get_mut(*product) {
-                        *avail -= qty;
-                    }
                     let d = delta.entry((*product).to_owned()).or_default();
                     d.0 -= qty;
                     d.1 += qty;
@@ -121,15 +117,6 @@ impl Decide for Inventory {
                     .increment(1);
                 out[*i] = Some(Ok(Body::InventoryReserved(OrderRef {
                     order_id: *order_id,
-                })));
-            } else {
-                let reason = problems.join("; ");
-                settled.push((*order_id, "rejected", Some(reason.clone())));
-                metrics::counter!("inventory_reservations_total", "result" => "rejected")
-                    .increment(1);
-                out[*i] = Some(Ok(Body::InventoryRejected(Refusal {
-                    order_id: *order_id,
-                    reason,
                 })));
             }
         }
@@ -166,7 +153,147 @@ impl Decide for Inventory {
         }
         Ok(answers(out))
     }
+
+    /// A batch of reserves only: stock is read without a lock, each first reservation decided
+    /// in memory, and the statement writes the products only if their stock is still what was
+    /// read (else nothing, and the batch goes the locking way).
+    async fn decide_at_once(
+        &self,
+        conn: &mut PgConnection,
+        commands: &[&Body],
+        _chaos: &Chaos,
+        inbox: &[Uuid],
+        outbox: &Outbox,
+        messages: &(dyn Fn(Vec<Body>) -> Vec<OutgoingMessage> + Sync),
+    ) -> Option<Result<Vec<OutgoingMessage>, sqlx::Error>> {
+        let reserves: Vec<&ReserveInventory> = commands
+            .iter()
+            .map(|c| match c {
+                Body::ReserveInventory(r)
+                    if !r.lines.is_empty() && r.lines.iter().all(|l| l.quantity > 0) =>
+                {
+                    Some(r)
+                }
+                _ => None,
+            })
+            .collect::<Option<_>>()?;
+        let wants: Vec<BTreeMap<&str, i64>> = reserves.iter().map(|r| wanted(&r.lines)).collect();
+        let products: BTreeSet<&str> = wants.iter().flat_map(|w| w.keys().copied()).collect();
+        let products: Vec<&str> = products.into_iter().collect();
+        let read: Result<Vec<(String, i64)>, sqlx::Error> =
+            sqlx::query_as("select product_id, available from product where product_id = any($1)")
+                .bind(&products)
+                .fetch_all(&mut *conn)
+                .await;
+        let was: BTreeMap<String, i64> = match read {
+            Ok(rows) => rows.into_iter().collect(),
+            Err(e) => return Some(Err(e)),
+        };
+        let mut stock = was.clone();
+        let mut replies = Vec::with_capacity(reserves.len());
+        let (mut ids, mut statuses, mut lines, mut reasons) = (vec![], vec![], vec![], vec![]);
+        for (r, wanted) in reserves.iter().zip(&wants) {
+            let (status, reason) = match take(&mut stock, wanted) {
+                Ok(()) => {
+                    replies.push(Body::InventoryReserved(OrderRef {
+                        order_id: r.order_id,
+                    }));
+                    ("reserved", None)
+                }
+                Err(reason) => {
+                    replies.push(Body::InventoryRejected(Refusal {
+                        order_id: r.order_id,
+                        reason: reason.clone(),
+                    }));
+                    ("rejected", Some(reason))
+                }
+            };
+            ids.push(r.order_id);
+            statuses.push(status);
+            lines.push(serde_json::to_string(&r.lines).unwrap_or_else(|_| "[]".into()));
+            reasons.push(reason);
+        }
+        let (mut taken, mut taken_n, mut taken_was) = (vec![], vec![], vec![]);
+        for (product, before) in &was {
+            let after = stock.get(product).copied().unwrap_or(*before);
+            if after != *before {
+                taken.push(product.as_str());
+                taken_n.push(before - after);
+                taken_was.push(*before);
+            }
+        }
+        let messages = messages(replies);
+        let query = sqlx::query_as::<_, (i64,)>(sqlx::AssertSqlSafe(RESERVE_AT_ONCE_SQL.as_str()))
+            .bind(&ids)
+            .bind(&statuses)
+            .bind(&lines)
+            .bind(&reasons)
+            .bind(&taken)
+            .bind(&taken_n)
+            .bind(&taken_was);
+        let written = outbox
+            .row(&messages)
+            .bind(query.bind(inbox))
+            .fetch_one(conn)
+            .await;
+        Some(written.map(|_| {
+            for status in &statuses {
+                metrics::counter!("inventory_reservations_total", "result" => *status).increment(1);
+            }
+            messages
+        }))
+    }
 }
+
+/// Units wanted per product of an order's lines.
+fn wanted(lines: &[Line]) -> BTreeMap<&str, i64> {
+    let mut wanted: BTreeMap<&str, i64> = BTreeMap::new();
+    for l in lines {
+        *wanted.entry(l.product_id.as_str()).or_default() += i64::from(l.quantity);
+    }
+    wanted
+}
+
+/// Takes every line of a reservation from `stock`, or none of them: the reason when a product
+/// is unknown or short.
+fn take(stock: &mut BTreeMap<String, i64>, wanted: &BTreeMap<&str, i64>) -> Result<(), String> {
+    let mut problems = Vec::new();
+    for (product, qty) in wanted {
+        match stock.get(*product) {
+            None => problems.push(format!("unknown product {product}")),
+            Some(avail) if avail < qty => problems.push(format!(
+                "insufficient stock for {product}: {qty} wanted, {avail} available"
+            )),
+            Some(_) => {}
+        }
+    }
+    if !problems.is_empty() {
+        return Err(problems.join("; "));
+    }
+    for (product, qty) in wanted {
+        if let Some(avail) = stock.get_mut(*product) {
+            *avail -= qty;
+        }
+    }
+    Ok(())
+}
+
+/// The reservations of a batch of first reserves, their stock taken from what was read, and the
+/// product updates, each meant only for the stock it was computed from: in one statement.
+static RESERVE_AT_ONCE_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    at_once_sql(
+        "c as (insert into reservation (order_id, status, lines, reason) \
+           select id, status, lines::jsonb, reason \
+           from unnest($1::uuid[], $2::text[], $3::text[], $4::text[]) as t(id, status, lines, reason) \
+           on conflict do nothing returning 1), \
+         p as (update product p set available = p.available - t.n, reserved = p.reserved + t.n, \
+           updated_at = now() from unnest($5::text[], $6::int8[], $7::int8[]) as t(id, n, was) \
+           where p.product_id = t.id and p.available = t.was returning 1)",
+        "(select count(*) from c) + (select count(*) from p)",
+        "cardinality($1::uuid[]) + cardinality($5::text[])",
+        7,
+    )
+});
 
 /// A reservation this batch claimed: index, order and units wanted per product.
 type Claimed<'a> = (usize, Uuid, BTreeMap<&'a str, i64>);
@@ -211,11 +338,7 @@ async fn claim_reservations<'a>(
     let mut claimed = Vec::new();
     for &(i, order_id, lines) in reserves {
         if new.contains(&order_id) {
-            let mut wanted: BTreeMap<&str, i64> = BTreeMap::new();
-            for l in lines {
-                *wanted.entry(l.product_id.as_str()).or_default() += i64::from(l.quantity);
-            }
-            claimed.push((i, order_id, wanted));
+            claimed.push((i, order_id, wanted(lines)));
             continue;
         }
         out[i] = Some(match stored.remove(&order_id) {
@@ -366,4 +489,38 @@ async fn put_product(
         available,
         reserved,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(product: &str, quantity: i32) -> Line {
+        Line {
+            product_id: product.into(),
+            quantity,
+        }
+    }
+
+    #[test]
+    fn a_reservation_takes_all_of_its_lines_or_none() {
+        let mut stock = BTreeMap::from([("a".to_owned(), 5), ("b".to_owned(), 1)]);
+        let lines = [line("a", 2), line("b", 1), line("a", 1)];
+        assert_eq!(take(&mut stock, &wanted(&lines)), Ok(()));
+        assert_eq!(
+            stock,
+            BTreeMap::from([("a".to_owned(), 2), ("b".to_owned(), 0)])
+        );
+
+        let short = [line("a", 1), line("b", 1), line("c", 1)];
+        let reason = take(&mut stock, &wanted(&short)).unwrap_err();
+        assert_eq!(
+            reason,
+            "insufficient stock for b: 1 wanted, 0 available; unknown product c"
+        );
+        assert_eq!(
+            stock["a"], 2,
+            "nothing taken from a reservation that was refused"
+        );
+    }
 }

@@ -15,7 +15,9 @@ use saga_shared_events::http::Problem;
 
 use saga_shared_events::outbox::{Outbox, OutgoingMessage};
 
-use crate::common::{Chaos, Decide, answers, at_once_sql, internal, with_earlier, wrong_command};
+use crate::common::{
+    Chaos, Decide, answers, claim_at_once_sql, internal, with_earlier, wrong_command,
+};
 
 /// Migrations of the payment database.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/payment");
@@ -154,7 +156,7 @@ const CLAIM_SQL: &str = "insert into payment (order_id, status, amount_cents, cu
 
 /// The claims, inbox entries and outbox row of a batch of first charges, in one statement.
 static CHARGE_AT_ONCE_SQL: std::sync::LazyLock<String> =
-    std::sync::LazyLock::new(|| at_once_sql(CLAIM_SQL, 5));
+    std::sync::LazyLock::new(|| claim_at_once_sql(CLAIM_SQL, 5));
 
 type Decision = (Uuid, String, i64, Option<String>);
 

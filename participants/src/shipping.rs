@@ -15,7 +15,9 @@ use saga_shared_events::http::Problem;
 
 use saga_shared_events::outbox::{Outbox, OutgoingMessage};
 
-use crate::common::{Chaos, Decide, answers, at_once_sql, internal, with_earlier, wrong_command};
+use crate::common::{
+    Chaos, Decide, answers, claim_at_once_sql, internal, with_earlier, wrong_command,
+};
 
 /// Migrations of the shipping database.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/shipping");
@@ -175,7 +177,7 @@ const CLAIM_SQL: &str = "insert into shipment (order_id, status, customer_id, re
 
 /// The claims, inbox entries and outbox row of a batch of first commands, in one statement.
 static SHIP_AT_ONCE_SQL: std::sync::LazyLock<String> =
-    std::sync::LazyLock::new(|| at_once_sql(CLAIM_SQL, 4));
+    std::sync::LazyLock::new(|| claim_at_once_sql(CLAIM_SQL, 4));
 
 type Decision = (Uuid, String, Option<String>);
 

@@ -2,6 +2,7 @@
 //! outbox, chaos knobs), chaos settings and the `/chaos` admin endpoint, and start-up.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -198,7 +199,14 @@ pub struct CommandHandler<D> {
     outbox: Outbox,
     decide: D,
     chaos: ChaosHandle,
+    /// Batches left to decide the transactional way after the fast path met a conflict.
+    fast_path_pause: AtomicU32,
 }
+
+/// After a fast-path conflict, the next batches skip the fast path: replicas contending for the
+/// same rows (inventory's hot products) would otherwise pay for a statement that aborts, then
+/// for the transaction anyway, on nearly every batch.
+const FAST_PATH_PAUSE: u32 = 16;
 
 impl<D: Decide> GroupCommit for CommandHandler<D> {
     type Committed = ();
@@ -266,10 +274,17 @@ impl<D: Decide> GroupCommit for CommandHandler<D> {
                 let replies = todo.iter().copied().zip(replies).collect();
                 self.reply_messages(msgs, replies, &chaos)
             };
-            let fast = self
-                .decide
-                .decide_at_once(conn, &commands, &chaos, &ids, &self.outbox, &build)
-                .await;
+            let paused = self
+                .fast_path_pause
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                .is_ok();
+            let fast = if paused {
+                None
+            } else {
+                self.decide
+                    .decide_at_once(conn, &commands, &chaos, &ids, &self.outbox, &build)
+                    .await
+            };
             match fast {
                 Some(Ok(messages)) => {
                     return Ok(BatchWork {
@@ -279,7 +294,9 @@ impl<D: Decide> GroupCommit for CommandHandler<D> {
                     });
                 }
                 Some(Err(e)) if saga_shared_events::db::is_write_conflict(&e) => {
-                    tracing::debug!(error = %e, "seen before; deciding in a transaction")
+                    self.fast_path_pause
+                        .store(FAST_PATH_PAUSE, Ordering::Relaxed);
+                    tracing::debug!(error = %e, "seen or changed before; deciding in a transaction")
                 }
                 Some(Err(e)) => return Err(e.into()),
                 None => {}
@@ -425,6 +442,7 @@ pub async fn run<D: Decide>(
         outbox: rt.outbox.clone(),
         decide,
         chaos: chaos.clone(),
+        fast_path_pause: AtomicU32::new(0),
     });
     let spec = ConsumerSpec {
         stream: STREAM_CMD.into(),

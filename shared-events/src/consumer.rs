@@ -89,7 +89,8 @@ pub async fn one_by_one<H: Handler + ?Sized>(
 pub struct BatchWork<C> {
     /// One outcome per message, in the order given.
     pub outcomes: Vec<Result<(), HandlerError>>,
-    /// Messages to write to the outbox in the same transaction and publish once it committed.
+    /// Messages to write to the outbox in the same transaction and publish once it committed
+    /// (for a handler that [`GroupCommit::commits_itself`], already written, only to publish).
     pub messages: Vec<OutgoingMessage>,
     /// What the handler wants back after commit (metrics to record).
     pub committed: C,

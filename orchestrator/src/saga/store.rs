@@ -1,5 +1,6 @@
-//! The saga driver: loads a saga under its row lock, feeds the pure machine one event, and writes
-//! the new state, its history row and its outgoing messages (outbox) in the caller's transaction.
+//! The saga driver: reads a batch of sagas, feeds the pure machine their events, and writes the
+//! new states (checked against the versions read), their history rows and their outgoing
+//! messages (outbox) in one statement.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
@@ -186,8 +187,8 @@ pub struct AppliedBatch {
 }
 
 /// The write of a batch in one statement: the replies' inbox entries, states (if unchanged since
-/// read), history and the outbox row. `one_statement_check` aborts it whole when a saga changed or a
-/// reply was recorded since the read, so it needs no transaction around it.
+/// read), history and the outbox row. `one_statement_check` aborts it whole when a saga changed
+/// or a reply was recorded since the read, so it needs no transaction around it.
 static WRITE_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
         "with u as (update saga_order s set state = v.state::jsonb, status = v.status, \
@@ -244,7 +245,7 @@ pub struct SagaEvent {
     pub parent: tracing::Span,
 }
 
-/// A saga loaded under its row lock, changed in memory by a batch of events.
+/// A saga as read (with its version), changed in memory by a batch of events.
 struct Loaded {
     state: State,
     status: String,

@@ -368,3 +368,46 @@ async fn a_reply_delivered_again_is_applied_once_and_one_for_no_saga_is_dead_let
             .unwrap();
     assert_eq!(recorded, 1, "the reply once, the orphan never");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stock_changed_while_a_reservation_is_written_is_not_overwritten() {
+    use sqlx::Connection;
+    let stack = Stack::start().await;
+    let fig = product("fig");
+    stack.set_stock(&fig, 10).await;
+    // Another writer (a second inventory, an operator) lowers the stock and holds the row.
+    let mut other = stack.db("inventory").await;
+    let mut tx = other.begin().await.unwrap();
+    sqlx::query("update product set available = 4 where product_id = $1")
+        .bind(&fig)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    // The reservation read 10 units; its write waits for the row.
+    let id = stack.create_order("ivy", &[(&fig, 2, 500)]).await;
+    wait_until(
+        Duration::from_secs(30),
+        "the reservation's write to wait for the product row",
+        || async {
+            let mut db = stack.db("inventory").await;
+            let waiting: i64 = sqlx::query_scalar(
+                "select count(*) from pg_stat_activity \
+                 where datname = current_database() and wait_event_type = 'Lock'",
+            )
+            .fetch_one(&mut db)
+            .await
+            .unwrap();
+            waiting > 0
+        },
+    )
+    .await;
+    tx.commit().await.unwrap();
+    // The write made for 10 units is refused whole; the reservation is decided again on 4.
+    let order = stack.wait_terminal(&id).await;
+    assert_eq!(order["status"], "shipped");
+    assert_eq!(
+        stack.stock(&fig).await,
+        (2, 2),
+        "4 - 2 available, 2 reserved"
+    );
+}

@@ -157,12 +157,41 @@ pub trait Decide: Send + Sync + 'static {
         chaos: &Chaos,
         inbox: &[Uuid],
         outbox: &Outbox,
-        messages: &(dyn Fn(Vec<Body>) -> Vec<OutgoingMessage> + Sync),
+        messages: &ReplyMessages<'_>,
     ) -> impl std::future::Future<Output = Option<Result<Vec<OutgoingMessage>, sqlx::Error>>> + Send
     {
         let _ = (conn, commands, chaos, inbox, outbox, messages);
         async { None }
     }
+}
+
+/// Turns a batch's replies, one per command in order, into the messages that carry them.
+pub type ReplyMessages<'a> = dyn Fn(Vec<Body>) -> Vec<OutgoingMessage> + Sync + 'a;
+
+/// The end of every [`Decide::decide_at_once`]: `query` (an [`at_once_sql`] statement with its
+/// writes' parameters bound) gets the inbox entries and the outbox row of the replies' messages,
+/// and runs; once it committed, each decision counts under `metric` by its status.
+#[allow(clippy::too_many_arguments)]
+pub async fn write_at_once(
+    conn: &mut PgConnection,
+    query: sqlx::query::QueryAs<'_, sqlx::Postgres, (i64,), sqlx::postgres::PgArguments>,
+    replies: Vec<Body>,
+    messages: &ReplyMessages<'_>,
+    inbox: &[Uuid],
+    outbox: &Outbox,
+    metric: &'static str,
+    statuses: &[&'static str],
+) -> Result<Vec<OutgoingMessage>, sqlx::Error> {
+    let messages = messages(replies);
+    outbox
+        .row(&messages)
+        .bind(query.bind(inbox))
+        .fetch_one(conn)
+        .await?;
+    for status in statuses {
+        metrics::counter!(metric, "result" => *status).increment(1);
+    }
+    Ok(messages)
 }
 
 /// The statement of a [`Decide::decide_at_once`]: `writes`, data-modifying CTEs with
@@ -267,8 +296,8 @@ impl<D: Decide> GroupCommit for CommandHandler<D> {
                 committed: (),
             });
         }
+        let ids: Vec<Uuid> = todo.iter().map(|&i| msgs[i].envelope.message_id).collect();
         {
-            let ids: Vec<Uuid> = todo.iter().map(|&i| msgs[i].envelope.message_id).collect();
             let commands: Vec<&Body> = todo.iter().map(|&i| &msgs[i].envelope.body).collect();
             let build = |replies: Vec<Body>| {
                 let replies = todo.iter().copied().zip(replies).collect();
@@ -304,7 +333,6 @@ impl<D: Decide> GroupCommit for CommandHandler<D> {
         }
 
         let mut tx = conn.begin().await?;
-        let ids: Vec<Uuid> = todo.iter().map(|&i| msgs[i].envelope.message_id).collect();
         let mut new = inbox::record_many(&mut tx, &ids).await?;
         // Redeliveries of handled commands are acknowledged without a second reply.
         todo.retain(|&i| new.remove(&msgs[i].envelope.message_id));

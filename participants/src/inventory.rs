@@ -16,7 +16,10 @@ use saga_shared_events::contract::{Body, Line, OrderRef, Participant, Refusal, R
 use saga_shared_events::http::{ApiJson, FieldError, Problem};
 use saga_shared_events::outbox::{Outbox, OutgoingMessage};
 
-use crate::common::{Chaos, Decide, answers, at_once_sql, check_path_id, internal, wrong_command};
+use crate::common::{
+    Chaos, Decide, ReplyMessages, answers, at_once_sql, check_path_id, internal, write_at_once,
+    wrong_command,
+};
 
 /// Migrations of the inventory database.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/inventory");
@@ -164,7 +167,7 @@ impl Decide for Inventory {
         _chaos: &Chaos,
         inbox: &[Uuid],
         outbox: &Outbox,
-        messages: &(dyn Fn(Vec<Body>) -> Vec<OutgoingMessage> + Sync),
+        messages: &ReplyMessages<'_>,
     ) -> Option<Result<Vec<OutgoingMessage>, sqlx::Error>> {
         let reserves: Vec<&ReserveInventory> = commands
             .iter()
@@ -222,8 +225,7 @@ impl Decide for Inventory {
                 taken_was.push(*before);
             }
         }
-        let messages = messages(replies);
-        let query = sqlx::query_as::<_, (i64,)>(sqlx::AssertSqlSafe(RESERVE_AT_ONCE_SQL.as_str()))
+        let query = sqlx::query_as(sqlx::AssertSqlSafe(RESERVE_AT_ONCE_SQL.as_str()))
             .bind(&ids)
             .bind(&statuses)
             .bind(&lines)
@@ -231,17 +233,19 @@ impl Decide for Inventory {
             .bind(&taken)
             .bind(&taken_n)
             .bind(&taken_was);
-        let written = outbox
-            .row(&messages)
-            .bind(query.bind(inbox))
-            .fetch_one(conn)
-            .await;
-        Some(written.map(|_| {
-            for status in &statuses {
-                metrics::counter!("inventory_reservations_total", "result" => *status).increment(1);
-            }
-            messages
-        }))
+        Some(
+            write_at_once(
+                conn,
+                query,
+                replies,
+                messages,
+                inbox,
+                outbox,
+                "inventory_reservations_total",
+                &statuses,
+            )
+            .await,
+        )
     }
 }
 

@@ -16,7 +16,8 @@ use saga_shared_events::http::Problem;
 use saga_shared_events::outbox::{Outbox, OutgoingMessage};
 
 use crate::common::{
-    Chaos, Decide, answers, claim_at_once_sql, internal, with_earlier, wrong_command,
+    Chaos, Decide, ReplyMessages, answers, claim_at_once_sql, internal, with_earlier,
+    write_at_once, wrong_command,
 };
 
 /// Migrations of the payment database.
@@ -64,7 +65,7 @@ impl Decide for Payment {
         chaos: &Chaos,
         inbox: &[Uuid],
         outbox: &Outbox,
-        messages: &(dyn Fn(Vec<Body>) -> Vec<OutgoingMessage> + Sync),
+        messages: &ReplyMessages<'_>,
     ) -> Option<Result<Vec<OutgoingMessage>, sqlx::Error>> {
         let charges: Vec<&ChargePayment> = commands
             .iter()
@@ -87,19 +88,21 @@ impl Decide for Payment {
                 )
             })
             .collect();
-        let messages = messages(replies);
-        let query = sqlx::query_as::<_, (i64,)>(sqlx::AssertSqlSafe(CHARGE_AT_ONCE_SQL.as_str()));
-        let written = outbox
-            .row(&messages)
-            .bind(plan.bind(query).bind(inbox))
-            .fetch_one(conn)
-            .await;
-        Some(written.map(|_| {
-            for status in &plan.statuses {
-                metrics::counter!("payments_total", "result" => *status).increment(1);
-            }
-            messages
-        }))
+        let query = sqlx::query_as(sqlx::AssertSqlSafe(CHARGE_AT_ONCE_SQL.as_str()));
+        let (query, statuses) = (plan.bind(query), &plan.statuses);
+        Some(
+            write_at_once(
+                conn,
+                query,
+                replies,
+                messages,
+                inbox,
+                outbox,
+                "payments_total",
+                statuses,
+            )
+            .await,
+        )
     }
 }
 

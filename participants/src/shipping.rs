@@ -16,7 +16,8 @@ use saga_shared_events::http::Problem;
 use saga_shared_events::outbox::{Outbox, OutgoingMessage};
 
 use crate::common::{
-    Chaos, Decide, answers, claim_at_once_sql, internal, with_earlier, wrong_command,
+    Chaos, Decide, ReplyMessages, answers, claim_at_once_sql, internal, with_earlier,
+    write_at_once, wrong_command,
 };
 
 /// Migrations of the shipping database.
@@ -84,7 +85,7 @@ impl Decide for Shipping {
         chaos: &Chaos,
         inbox: &[Uuid],
         outbox: &Outbox,
-        messages: &(dyn Fn(Vec<Body>) -> Vec<OutgoingMessage> + Sync),
+        messages: &ReplyMessages<'_>,
     ) -> Option<Result<Vec<OutgoingMessage>, sqlx::Error>> {
         let rate = chaos.success_rate.unwrap_or(1.0);
         let mut plan = ShipPlan::with_capacity(commands.len());
@@ -96,19 +97,21 @@ impl Decide for Shipping {
         let replies = (plan.ids.iter().zip(&plan.statuses).zip(&plan.reasons))
             .map(|((id, status), reason)| reply(*id, status, reason.map(str::to_owned)))
             .collect();
-        let messages = messages(replies);
-        let query = sqlx::query_as::<_, (i64,)>(sqlx::AssertSqlSafe(SHIP_AT_ONCE_SQL.as_str()));
-        let written = outbox
-            .row(&messages)
-            .bind(plan.bind(query).bind(inbox))
-            .fetch_one(conn)
-            .await;
-        Some(written.map(|_| {
-            for status in &plan.statuses {
-                metrics::counter!("shipments_total", "result" => *status).increment(1);
-            }
-            messages
-        }))
+        let query = sqlx::query_as(sqlx::AssertSqlSafe(SHIP_AT_ONCE_SQL.as_str()));
+        let (query, statuses) = (plan.bind(query), &plan.statuses);
+        Some(
+            write_at_once(
+                conn,
+                query,
+                replies,
+                messages,
+                inbox,
+                outbox,
+                "shipments_total",
+                statuses,
+            )
+            .await,
+        )
     }
 }
 

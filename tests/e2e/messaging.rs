@@ -22,6 +22,22 @@ async fn publish(js: &async_nats::jetstream::Context, env: &Envelope, msg_id: Uu
         .unwrap();
 }
 
+/// Waits until a session of `service`'s database waits for a row lock (`what` names it).
+async fn wait_for_a_row_lock(stack: &Stack, service: &str, what: &str) {
+    wait_until(Duration::from_secs(30), what, || async {
+        let mut db = stack.db(service).await;
+        let waiting: i64 = sqlx::query_scalar(
+            "select count(*) from pg_stat_activity \
+             where datname = current_database() and wait_event_type = 'Lock'",
+        )
+        .fetch_one(&mut db)
+        .await
+        .unwrap();
+        waiting > 0
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_command_delivered_twice_reserves_and_charges_once() {
     let stack = Stack::start().await;
@@ -244,20 +260,10 @@ async fn a_saga_changed_while_its_reply_is_applied_is_retried_not_overwritten() 
     .unwrap();
     stack.restart("inventory").await;
     // The reservation's reply arrives and its write waits for that row; it read the old version.
-    wait_until(
-        Duration::from_secs(30),
+    wait_for_a_row_lock(
+        &stack,
+        "orchestrator",
         "the reply's write to wait for the row",
-        || async {
-            let mut db = stack.db("orchestrator").await;
-            let waiting: i64 = sqlx::query_scalar(
-                "select count(*) from pg_stat_activity \
-                 where datname = current_database() and wait_event_type = 'Lock'",
-            )
-            .fetch_one(&mut db)
-            .await
-            .unwrap();
-            waiting > 0
-        },
     )
     .await;
     tx.commit().await.unwrap();
@@ -385,20 +391,10 @@ async fn stock_changed_while_a_reservation_is_written_is_not_overwritten() {
         .unwrap();
     // The reservation read 10 units; its write waits for the row.
     let id = stack.create_order("ivy", &[(&fig, 2, 500)]).await;
-    wait_until(
-        Duration::from_secs(30),
+    wait_for_a_row_lock(
+        &stack,
+        "inventory",
         "the reservation's write to wait for the product row",
-        || async {
-            let mut db = stack.db("inventory").await;
-            let waiting: i64 = sqlx::query_scalar(
-                "select count(*) from pg_stat_activity \
-                 where datname = current_database() and wait_event_type = 'Lock'",
-            )
-            .fetch_one(&mut db)
-            .await
-            .unwrap();
-            waiting > 0
-        },
     )
     .await;
     tx.commit().await.unwrap();

@@ -53,7 +53,7 @@ impl GroupCommit for ReplyHandler {
     type Committed = Vec<Applied>;
 
     fn pool(&self) -> &PgPool {
-        self.store.pool()
+        self.store.batch_pool()
     }
 
     fn outbox(&self) -> &Outbox {

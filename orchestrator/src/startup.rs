@@ -45,6 +45,7 @@ impl Application {
         .await?;
         let mut store = SagaStore::new(
             runtime.pool.clone(),
+            runtime.batch_pool.clone(),
             runtime.outbox.clone(),
             Policy {
                 step_max_attempts: settings.step_max_attempts,

@@ -224,6 +224,7 @@ pub fn claim_at_once_sql(claim: &str, n: usize) -> String {
 
 /// The consumer handler wrapping a participant's `Decide`.
 pub struct CommandHandler<D> {
+    /// The runtime's batch pool.
     pool: sqlx::PgPool,
     outbox: Outbox,
     decide: D,
@@ -466,7 +467,7 @@ pub async fn run<D: Decide>(
     let rt = Runtime::connect(name, common, default_port, migrator, shutdown).await?;
     let chaos: ChaosHandle = Arc::new(RwLock::new(chaos));
     let handler = Arc::new(CommandHandler {
-        pool: rt.pool.clone(),
+        pool: rt.batch_pool.clone(),
         outbox: rt.outbox.clone(),
         decide,
         chaos: chaos.clone(),

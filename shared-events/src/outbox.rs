@@ -176,11 +176,13 @@ const DELETE_WINDOW: Duration = Duration::from_millis(20);
 /// A one-connection pool for deleting published rows whose commits do not wait for the WAL
 /// flush. Only this clean-up is asynchronous: a delete lost in a crash makes its row reappear,
 /// and the relay publishes it again as a duplicate that `Nats-Msg-Id` and the inbox absorb.
-/// Every state change and every outbox insert still commits synchronously.
+/// Every state change and every outbox insert still commits synchronously. Its one statement,
+/// a delete by key, is planned once ([`crate::db::PINNED_PLANS`]).
 fn cleanup_pool(pool: &PgPool) -> PgPool {
     let options = (*pool.connect_options())
         .clone()
-        .options([("synchronous_commit", "off")]);
+        .options([("synchronous_commit", "off")])
+        .options(crate::db::PINNED_PLANS);
     sqlx::postgres::PgPoolOptions::new()
         .max_connections(1)
         .acquire_timeout(Duration::from_secs(5))

@@ -44,6 +44,9 @@ pub enum StartupError {
 pub struct Runtime {
     /// The service's own database.
     pub pool: PgPool,
+    /// The same database for the batch statements of consumers (and the orchestrator's intake):
+    /// one connection per batch in flight, plus one ([`crate::db::batch_pool`]).
+    pub batch_pool: PgPool,
     /// The NATS client.
     pub nats: async_nats::Client,
     /// JetStream on that client.
@@ -113,6 +116,10 @@ impl Runtime {
         let opts = crate::db::options(&url, service)?;
         let wait = Duration::from_secs(60);
         let pool = crate::db::connect(opts, migrator, common.db_pool_size, wait).await?;
+        let batches = common
+            .consumer_concurrency
+            .div_ceil(common.consumer_batch.max(1));
+        let batch_pool = crate::db::batch_pool(&pool, batches + 1);
         let nats = crate::nats::connect(&common.nats_url, service, &common.nats_auth, wait).await?;
         let js = jetstream::new(nats.clone());
         let clustered = nats.server_info().cluster.is_some_and(|c| !c.is_empty());
@@ -137,6 +144,7 @@ impl Runtime {
         );
         Ok(Runtime {
             pool,
+            batch_pool,
             nats,
             js,
             shutdown,

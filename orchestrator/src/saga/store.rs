@@ -352,6 +352,8 @@ fn step_name(status: &str) -> &'static str {
 #[derive(Clone)]
 pub struct SagaStore {
     pool: PgPool,
+    /// Where batches of new orders and replies are written ([`saga_shared_events::db::batch_pool`]).
+    batch_pool: PgPool,
     outbox: Outbox,
     policy: Policy,
     timing: Timing,
@@ -361,9 +363,10 @@ pub struct SagaStore {
 }
 
 impl SagaStore {
-    /// A store over `pool`.
+    /// A store over `pool`, writing batches through `batch_pool`.
     pub fn new(
         pool: PgPool,
+        batch_pool: PgPool,
         outbox: Outbox,
         policy: Policy,
         timing: Timing,
@@ -371,6 +374,7 @@ impl SagaStore {
     ) -> Self {
         SagaStore {
             pool,
+            batch_pool,
             outbox,
             policy,
             timing,
@@ -382,6 +386,11 @@ impl SagaStore {
     /// The pool.
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+
+    /// The pool of the batch statements.
+    pub fn batch_pool(&self) -> &PgPool {
+        &self.batch_pool
     }
 
     /// The outbox, to publish an `Applied`'s messages after commit.
@@ -548,9 +557,9 @@ impl SagaStore {
         let mut pooled: Option<sqlx::pool::PoolConnection<sqlx::Postgres>> = None;
         let mut tx: Option<sqlx::Transaction<'_, sqlx::Postgres>> = None;
         let conn: &mut PgConnection = if keyless {
-            pooled.insert(self.pool.acquire().await?)
+            pooled.insert(self.batch_pool.acquire().await?)
         } else {
-            tx.insert(self.pool.begin().await?)
+            tx.insert(self.batch_pool.begin().await?)
         };
         let query = sqlx::query_as(sqlx::AssertSqlSafe(INSERT_SQL.as_str()))
             .bind(&ids)

@@ -3,6 +3,7 @@
 //! messages (outbox) in one statement.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -19,6 +20,7 @@ use saga_shared_events::{
     ShipOrder,
 };
 
+use super::cache::{Entry, SagaCache};
 use super::machine::{self, Effect, Event, Policy, SagaEnd, State, Step};
 
 /// Saga persistence failures.
@@ -172,6 +174,27 @@ struct NewSaga {
     messages: Vec<OutgoingMessage>,
 }
 
+impl NewSaga {
+    /// The saga as its row is once written.
+    fn loaded(&self) -> Loaded {
+        Loaded {
+            state: self.state.clone(),
+            status: self.state.status().to_owned(),
+            version: 0,
+            customer_id: self.order.customer_id.clone(),
+            items: self.order.items.clone(),
+            total_cents: self.order.total_cents(),
+            reason: None,
+            detail: None,
+            step_seconds: 0.0,
+            saga_seconds: 0.0,
+            changed: false,
+            deadline: None,
+            from_cache: true,
+        }
+    }
+}
+
 fn to_json(v: &impl Serialize) -> String {
     serde_json::to_string(v).unwrap_or_default()
 }
@@ -246,6 +269,7 @@ pub struct SagaEvent {
 }
 
 /// A saga as read (with its version), changed in memory by a batch of events.
+#[derive(Clone)]
 struct Loaded {
     state: State,
     status: String,
@@ -260,6 +284,35 @@ struct Loaded {
     changed: bool,
     /// `Some(Some(d))`: due in `d`; `Some(None)`: cleared; `None`: unchanged.
     deadline: Option<Option<Duration>>,
+    /// Taken from the cache rather than read.
+    from_cache: bool,
+}
+
+impl Loaded {
+    fn from_cache(e: Entry<Loaded>) -> Self {
+        Loaded {
+            step_seconds: e.changed.elapsed().as_secs_f64(),
+            saga_seconds: e.created.elapsed().as_secs_f64(),
+            changed: false,
+            deadline: None,
+            from_cache: true,
+            ..e.saga
+        }
+    }
+
+    /// The saga as its row is once the batch's write committed (which bumped the version of
+    /// every changed saga).
+    fn into_cache(self) -> Entry<Loaded> {
+        let step_seconds = if self.changed { 0.0 } else { self.step_seconds };
+        let saga_seconds = self.saga_seconds;
+        let saga = Loaded {
+            version: self.version + i64::from(self.changed),
+            changed: false,
+            deadline: None,
+            ..self
+        };
+        Entry::aged(saga, saga_seconds, step_seconds)
+    }
 }
 
 /// History rows of a batch, as columns.
@@ -360,7 +413,12 @@ pub struct SagaStore {
     jaeger_ui_url: Option<String>,
     /// Where `create` hands new orders to the batch writer, once started.
     intake: Option<mpsc::Sender<Intake>>,
+    /// Sagas in flight as this process last wrote them.
+    cache: Arc<SagaCache<Loaded>>,
 }
+
+/// Sagas in flight the cache keeps at most (a few hundred bytes each); beyond, they are read.
+const CACHE_CAPACITY: usize = 100_000;
 
 impl SagaStore {
     /// A store over `pool`, writing batches through `batch_pool`.
@@ -380,6 +438,7 @@ impl SagaStore {
             timing,
             jaeger_ui_url,
             intake: None,
+            cache: Arc::new(SagaCache::new(CACHE_CAPACITY)),
         }
     }
 
@@ -599,6 +658,12 @@ impl SagaStore {
             tx.commit().await?;
         }
         self.outbox.publish_committed(messages);
+        self.cache.put(
+            sagas
+                .iter()
+                .filter(|s| written.contains_key(&s.order_id))
+                .map(|s| (s.order_id, Some(Entry::aged(s.loaded(), 0.0, 0.0)))),
+        );
         Ok(written)
     }
 
@@ -743,6 +808,25 @@ impl SagaStore {
         let mut ids: Vec<Uuid> = events.iter().map(|e| e.order_id).collect();
         ids.sort_unstable();
         ids.dedup();
+        if !replies {
+            // Written in the caller's transaction, which may yet roll back: read next time.
+            self.cache.forget(&ids);
+        } else if let Some(cached) = self.cache.get_all(&ids) {
+            let sagas = ids
+                .iter()
+                .zip(cached)
+                .map(|(id, e)| (*id, Loaded::from_cache(e)))
+                .collect();
+            match self
+                .run_batch(conn, events, true, sagas, HashSet::new())
+                .await
+            {
+                Err(StoreError::Conflict(_)) => self.cache.conflict(&ids),
+                Ok(None) => {}
+                Ok(Some(batch)) => return Ok(batch),
+                Err(e) => return Err(e),
+            }
+        }
         let message_ids: Vec<Uuid> = if replies {
             events.iter().filter_map(|e| e.causation_id).collect()
         } else {
@@ -762,11 +846,11 @@ impl SagaStore {
         .fetch_all(&mut *conn)
         .await?;
         // Every row carries the same list: the batch's replies already in the inbox.
-        let mut seen: HashSet<Uuid> = rows
+        let seen: HashSet<Uuid> = rows
             .first()
             .map(|r| r.11.iter().copied().collect())
             .unwrap_or_default();
-        let mut sagas: HashMap<Uuid, Loaded> = rows
+        let sagas: HashMap<Uuid, Loaded> = rows
             .into_iter()
             .map(|r| {
                 let loaded = Loaded {
@@ -782,10 +866,29 @@ impl SagaStore {
                     saga_seconds: r.10,
                     changed: false,
                     deadline: None,
+                    from_cache: false,
                 };
                 (r.0, loaded)
             })
             .collect();
+        self.run_batch(conn, events, replies, sagas, seen)
+            .await?
+            .ok_or_else(|| StoreError::Conflict("batch not written".into()))
+    }
+
+    /// Runs the machine for every event on `sagas` and writes the outcome. From the cache
+    /// (`seen` empty) only a batch that changes every saga it touches is written, as only the
+    /// changed ones are checked against their versions: an event ignored by a stale cached
+    /// state would be acknowledged wrongly. Such a batch returns `None`, written nowhere.
+    async fn run_batch(
+        &self,
+        conn: &mut PgConnection,
+        events: &[SagaEvent],
+        replies: bool,
+        mut sagas: HashMap<Uuid, Loaded>,
+        mut seen: HashSet<Uuid>,
+    ) -> Result<Option<AppliedBatch>, StoreError> {
+        let cached = sagas.values().any(|s| s.from_cache);
         let mut history = History::default();
         let mut results = Vec::with_capacity(events.len());
         let mut outbox = Vec::new();
@@ -808,8 +911,19 @@ impl SagaStore {
             outbox.append(&mut applied.messages);
             results.push(Ok(applied));
         }
+        if cached && sagas.values().any(|s| !s.changed) {
+            return Ok(None);
+        }
         self.write(conn, &sagas, &history, &outbox, &inbox).await?;
-        Ok(AppliedBatch { results, outbox })
+        if replies {
+            // The write committed on its own: these are the sagas' rows now.
+            let written = sagas.into_iter().map(|(id, s)| {
+                let entry = (!s.state.is_terminal()).then(|| s.into_cache());
+                (id, entry)
+            });
+            self.cache.put(written);
+        }
+        Ok(Some(AppliedBatch { results, outbox }))
     }
 
     /// Runs the machine for one event on a loaded saga (inside the event's transition span).

@@ -171,7 +171,7 @@ fn header_map(headers: &BTreeMap<String, String>) -> HeaderMap {
 }
 
 /// How long acknowledged ids gather before one delete removes them all.
-const DELETE_WINDOW: Duration = Duration::from_millis(20);
+const DELETE_WINDOW: Duration = Duration::from_millis(100);
 
 /// A one-connection pool for deleting published rows whose commits do not wait for the WAL
 /// flush. Only this clean-up is asynchronous: a delete lost in a crash makes its row reappear,

@@ -25,7 +25,36 @@ use crate::common::{
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/inventory");
 
 /// Inventory's decisions.
-pub struct Inventory;
+#[derive(Default)]
+pub struct Inventory {
+    /// Stock of products as this process's last one-statement write left it. A batch whose
+    /// products are all here, and whose reservations all succeed on it, skips the stock read:
+    /// its write takes each product only if the stock is still this (else it aborts and the batch
+    /// goes the locking way), so a stale value costs a retry, never a wrong answer. A refusal is
+    /// never decided on it: a batch with one goes back to reading the stock.
+    stock: std::sync::Mutex<HashMap<String, i64>>,
+}
+
+impl Inventory {
+    /// The cached stock of every one of `products`, if all are cached.
+    fn cached_stock(&self, products: &[&str]) -> Option<BTreeMap<String, i64>> {
+        let stock = self.stock.lock().ok()?;
+        products
+            .iter()
+            .map(|p| stock.get(*p).map(|n| ((*p).to_owned(), *n)))
+            .collect()
+    }
+
+    /// Records stock as committed (`Some`), or forgets all of it (`None`: changed elsewhere).
+    fn remember_stock(&self, committed: Option<BTreeMap<String, i64>>) {
+        if let Ok(mut stock) = self.stock.lock() {
+            match committed {
+                Some(committed) => stock.extend(committed),
+                None => stock.clear(),
+            }
+        }
+    }
+}
 
 impl Decide for Inventory {
     const PARTICIPANT: Participant = Participant::Inventory;
@@ -39,6 +68,8 @@ impl Decide for Inventory {
         commands: &[&Body],
         _chaos: &Chaos,
     ) -> Result<Vec<Result<Body, HandlerError>>, HandlerError> {
+        // This path moves stock in a transaction committed later: read it next time.
+        self.remember_stock(None);
         let mut out: Vec<Option<Result<Body, HandlerError>>> =
             commands.iter().map(|_| None).collect();
         let mut reserves: Vec<(usize, Uuid, &[Line])> = Vec::new();
@@ -183,39 +214,35 @@ impl Decide for Inventory {
         let wants: Vec<BTreeMap<&str, i64>> = reserves.iter().map(|r| wanted(&r.lines)).collect();
         let products: BTreeSet<&str> = wants.iter().flat_map(|w| w.keys().copied()).collect();
         let products: Vec<&str> = products.into_iter().collect();
-        let read: Result<Vec<(String, i64)>, sqlx::Error> =
-            sqlx::query_as("select product_id, available from product where product_id = any($1)")
+        let cached = self
+            .cached_stock(&products)
+            .map(|was| (decide_reserves(&reserves, &wants, &was), was))
+            .filter(|(d, _)| d.refused == 0);
+        let (decided, was) = match cached {
+            Some(decided) => decided,
+            None => {
+                let read: Result<Vec<(String, i64)>, sqlx::Error> = sqlx::query_as(
+                    "select product_id, available from product where product_id = any($1)",
+                )
                 .bind(&products)
                 .fetch_all(&mut *conn)
                 .await;
-        let was: BTreeMap<String, i64> = match read {
-            Ok(rows) => rows.into_iter().collect(),
-            Err(e) => return Some(Err(e)),
+                let was: BTreeMap<String, i64> = match read {
+                    Ok(rows) => rows.into_iter().collect(),
+                    Err(e) => return Some(Err(e)),
+                };
+                (decide_reserves(&reserves, &wants, &was), was)
+            }
         };
-        let mut stock = was.clone();
-        let mut replies = Vec::with_capacity(reserves.len());
-        let (mut ids, mut statuses, mut lines, mut reasons) = (vec![], vec![], vec![], vec![]);
-        for (r, wanted) in reserves.iter().zip(&wants) {
-            let (status, reason) = match take(&mut stock, wanted) {
-                Ok(()) => {
-                    replies.push(Body::InventoryReserved(OrderRef {
-                        order_id: r.order_id,
-                    }));
-                    ("reserved", None)
-                }
-                Err(reason) => {
-                    replies.push(Body::InventoryRejected(Refusal {
-                        order_id: r.order_id,
-                        reason: reason.clone(),
-                    }));
-                    ("rejected", Some(reason))
-                }
-            };
-            ids.push(r.order_id);
-            statuses.push(status);
-            lines.push(serde_json::to_string(&r.lines).unwrap_or_else(|_| "[]".into()));
-            reasons.push(reason);
-        }
+        let Reserves {
+            replies,
+            ids,
+            statuses,
+            lines,
+            reasons,
+            stock,
+            ..
+        } = decided;
         let (mut taken, mut taken_n, mut taken_was) = (vec![], vec![], vec![]);
         for (product, before) in &was {
             let after = stock.get(product).copied().unwrap_or(*before);
@@ -233,20 +260,73 @@ impl Decide for Inventory {
             .bind(&taken)
             .bind(&taken_n)
             .bind(&taken_was);
-        Some(
-            write_at_once(
-                conn,
-                query,
-                replies,
-                messages,
-                inbox,
-                outbox,
-                "inventory_reservations_total",
-                &statuses,
-            )
-            .await,
+        let written = write_at_once(
+            conn,
+            query,
+            replies,
+            messages,
+            inbox,
+            outbox,
+            "inventory_reservations_total",
+            &statuses,
         )
+        .await;
+        // The statement committed on its own: the stock is now what was computed.
+        self.remember_stock(written.is_ok().then_some(stock));
+        Some(written)
     }
+}
+
+/// First reservations decided in memory on `was`, in order, as the write's columns.
+struct Reserves {
+    replies: Vec<Body>,
+    ids: Vec<Uuid>,
+    statuses: Vec<&'static str>,
+    lines: Vec<String>,
+    reasons: Vec<Option<String>>,
+    /// The stock once they are all taken.
+    stock: BTreeMap<String, i64>,
+    refused: usize,
+}
+
+fn decide_reserves(
+    reserves: &[&ReserveInventory],
+    wants: &[BTreeMap<&str, i64>],
+    was: &BTreeMap<String, i64>,
+) -> Reserves {
+    let mut d = Reserves {
+        replies: Vec::with_capacity(reserves.len()),
+        ids: Vec::with_capacity(reserves.len()),
+        statuses: Vec::with_capacity(reserves.len()),
+        lines: Vec::with_capacity(reserves.len()),
+        reasons: Vec::with_capacity(reserves.len()),
+        stock: was.clone(),
+        refused: 0,
+    };
+    for (r, wanted) in reserves.iter().zip(wants) {
+        let (status, reason) = match take(&mut d.stock, wanted) {
+            Ok(()) => {
+                d.replies.push(Body::InventoryReserved(OrderRef {
+                    order_id: r.order_id,
+                }));
+                ("reserved", None)
+            }
+            Err(reason) => {
+                d.refused += 1;
+                d.replies.push(Body::InventoryRejected(Refusal {
+                    order_id: r.order_id,
+                    reason: reason.clone(),
+                }));
+                ("rejected", Some(reason))
+            }
+        };
+        d.ids.push(r.order_id);
+        d.statuses.push(status);
+        d.lines
+            .push(serde_json::to_string(&r.lines).unwrap_or_else(|_| "[]".into()));
+        d.reasons.push(reason);
+    }
+    d
 }
 
 /// Units wanted per product of an order's lines.

@@ -407,3 +407,32 @@ async fn stock_changed_while_a_reservation_is_written_is_not_overwritten() {
         "4 - 2 available, 2 reserved"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stock_set_after_a_reservation_is_seen_by_the_next_one_whichever_way_it_moved() {
+    let stack = Stack::start().await;
+    let fig = product("fig");
+    stack.set_stock(&fig, 2).await;
+    // Inventory remembers the 0 units its write left.
+    let first = stack.create_order("ivy", &[(&fig, 2, 500)]).await;
+    assert_eq!(stack.wait_terminal(&first).await["status"], "shipped");
+    // An operator raises the stock behind it: 3 wanted of 5 must be reserved, not refused for
+    // the 0 remembered.
+    stack.set_stock(&fig, 5).await;
+    let enough = stack.create_order("ivy", &[(&fig, 3, 500)]).await;
+    assert_eq!(stack.wait_terminal(&enough).await["status"], "shipped");
+    assert_eq!(stack.stock(&fig).await, (2, 5));
+    // And lowers it: 2 wanted of 1 must be refused, not taken from the 2 remembered.
+    stack.set_stock(&fig, 1).await;
+    let short = stack.create_order("ivy", &[(&fig, 2, 500)]).await;
+    let order = stack.wait_terminal(&short).await;
+    assert_eq!(order["status"], "cancelled", "{order}");
+    assert!(
+        order["cancel_detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("insufficient stock"),
+        "{order}"
+    );
+    assert_eq!(stack.stock(&fig).await, (1, 5));
+}

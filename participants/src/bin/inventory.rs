@@ -18,5 +18,13 @@ struct Settings {
 async fn main() -> anyhow::Result<()> {
     let s = Settings::parse();
     let chaos = Chaos::from_args(&s.chaos, None);
-    common::main(s.common, &MIGRATOR, 8081, Inventory, chaos, router).await
+    common::main(
+        s.common,
+        &MIGRATOR,
+        8081,
+        Inventory::default(),
+        chaos,
+        router,
+    )
+    .await
 }

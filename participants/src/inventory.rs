@@ -54,6 +54,15 @@ impl Inventory {
             }
         }
     }
+
+    /// Forgets the stock of `products`.
+    fn forget_stock(&self, products: &[&str]) {
+        if let Ok(mut stock) = self.stock.lock() {
+            for p in products {
+                stock.remove(*p);
+            }
+        }
+    }
 }
 
 impl Decide for Inventory {
@@ -68,8 +77,6 @@ impl Decide for Inventory {
         commands: &[&Body],
         _chaos: &Chaos,
     ) -> Result<Vec<Result<Body, HandlerError>>, HandlerError> {
-        // This path moves stock in a transaction committed later: read it next time.
-        self.remember_stock(None);
         let mut out: Vec<Option<Result<Body, HandlerError>>> =
             commands.iter().map(|_| None).collect();
         let mut reserves: Vec<(usize, Uuid, &[Line])> = Vec::new();
@@ -100,6 +107,8 @@ impl Decide for Inventory {
             touched.extend(lines.iter().map(|l| l.product_id.as_str()));
         }
         let ids: Vec<&str> = touched.into_iter().collect();
+        // This path moves their stock in a transaction committed later: read it next time.
+        self.forget_stock(&ids);
         let mut stock: BTreeMap<String, i64> = if ids.is_empty() {
             BTreeMap::new()
         } else {

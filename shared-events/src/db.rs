@@ -96,11 +96,15 @@ pub const PINNED_PLANS: [(&str, &str); 2] = [
 ];
 
 /// A pool beside `pool`, to the same database, for the hot path's batch statements only
-/// ([`PINNED_PLANS`]); connections are opened when first needed.
+/// ([`PINNED_PLANS`]). Its few connections are opened in the background and kept, so no batch
+/// waits for a new backend to start.
 pub fn batch_pool(pool: &PgPool, max_connections: u32) -> PgPool {
     let options = (*pool.connect_options()).clone().options(PINNED_PLANS);
+    let max_connections = max_connections.max(1);
     PgPoolOptions::new()
-        .max_connections(max_connections.max(1))
+        .max_connections(max_connections)
+        .min_connections(max_connections)
+        .idle_timeout(None)
         .acquire_timeout(Duration::from_secs(5))
         .connect_lazy_with(options)
 }

@@ -269,6 +269,33 @@ async fn a_three_node_nats_cluster_loses_nothing_when_a_node_dies() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_at_one_replica_on_a_cluster_are_warned_about_at_start_and_still_work() {
+    let mut opts = StackOptions::default().with_all("STREAM_REPLICAS", "1");
+    opts.nats_cluster = true;
+    let stack = Stack::start_with(opts).await;
+    let js = stack.jetstream().await;
+    let mut cmd = js.get_stream("SAGA_CMD").await.unwrap();
+    assert_eq!(cmd.info().await.unwrap().config.num_replicas, 1);
+    for svc in ["orchestrator", "inventory", "payment", "shipping"] {
+        let log = stack.log(svc);
+        for stream in ["SAGA_CMD", "SAGA_REPLY", "ORDERS", "SAGA_DLQ"] {
+            assert!(
+                log.lines().any(|l| l.contains("WARN")
+                    && l.contains(&format!("stream={stream}"))
+                    && l.contains("1 replica(s) on a NATS cluster")
+                    && l.contains("STREAM_REPLICAS=3")),
+                "{svc} did not warn about {stream} at R1:\n{log}"
+            );
+        }
+    }
+    // A warning, not a refusal: the saga runs.
+    let fig = product("fig");
+    stack.set_stock(&fig, 5).await;
+    let id = stack.create_order("ivy", &[(&fig, 1, 100)]).await;
+    assert_eq!(stack.wait_terminal(&id).await["status"], "shipped");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_stops_a_service_cleanly_within_ten_seconds_mid_run() {
     let mut stack = Stack::start_with(slow_participants()).await;
     let products = stocked(&stack, 3, 1000).await;

@@ -553,10 +553,14 @@ impl Stack {
         matches!(svc.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
     }
 
+    /// A service's whole log.
+    pub fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(&self.services[name].log).unwrap_or_default()
+    }
+
     /// The last lines of a service's log.
     pub fn log_tail(&self, name: &str) -> String {
-        let svc = &self.services[name];
-        let text = std::fs::read_to_string(&svc.log).unwrap_or_default();
+        let text = self.log(name);
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(40)..].join("\n")
     }

@@ -155,12 +155,10 @@ pub trait Decide: Send + Sync + 'static {
         conn: &mut PgConnection,
         commands: &[&Body],
         chaos: &Chaos,
-        inbox: &[Uuid],
-        outbox: &Outbox,
-        messages: &ReplyMessages<'_>,
+        at_once: &AtOnce<'_>,
     ) -> impl std::future::Future<Output = Option<Result<Vec<OutgoingMessage>, sqlx::Error>>> + Send
     {
-        let _ = (conn, commands, chaos, inbox, outbox, messages);
+        let _ = (conn, commands, chaos, at_once);
         async { None }
     }
 }
@@ -168,30 +166,40 @@ pub trait Decide: Send + Sync + 'static {
 /// Turns a batch's replies, one per command in order, into the messages that carry them.
 pub type ReplyMessages<'a> = dyn Fn(Vec<Body>) -> Vec<OutgoingMessage> + Sync + 'a;
 
-/// The end of every [`Decide::decide_at_once`]: `query` (an [`at_once_sql`] statement with its
-/// writes' parameters bound) gets the inbox entries and the outbox row of the replies' messages,
-/// and runs; once it committed, each decision counts under `metric` by its status.
-#[allow(clippy::too_many_arguments)]
-pub async fn write_at_once(
-    conn: &mut PgConnection,
-    query: sqlx::query::QueryAs<'_, sqlx::Postgres, (i64,), sqlx::postgres::PgArguments>,
-    replies: Vec<Body>,
-    messages: &ReplyMessages<'_>,
-    inbox: &[Uuid],
-    outbox: &Outbox,
-    metric: &'static str,
-    statuses: &[&'static str],
-) -> Result<Vec<OutgoingMessage>, sqlx::Error> {
-    let messages = messages(replies);
-    outbox
-        .row(&messages)
-        .bind(query.bind(inbox))
-        .fetch_one(conn)
-        .await?;
-    for status in statuses {
-        metrics::counter!(metric, "result" => *status).increment(1);
+/// What a [`Decide::decide_at_once`] writes besides its decisions: the batch's inbox entries and
+/// the outbox row of its replies' messages.
+pub struct AtOnce<'a> {
+    /// The batch's message ids.
+    pub inbox: &'a [Uuid],
+    /// Where the replies go.
+    pub outbox: &'a Outbox,
+    /// Turns the replies into messages.
+    pub messages: &'a ReplyMessages<'a>,
+}
+
+impl AtOnce<'_> {
+    /// The end of every [`Decide::decide_at_once`]: `query` (an [`at_once_sql`] statement with
+    /// its writes' parameters bound) gets the inbox entries and the outbox row of the replies'
+    /// messages, and runs; each decision's `statuses` is counted in `metric` once it did.
+    pub async fn write(
+        &self,
+        conn: &mut PgConnection,
+        query: sqlx::query::QueryAs<'_, sqlx::Postgres, (i64,), sqlx::postgres::PgArguments>,
+        replies: Vec<Body>,
+        metric: &'static str,
+        statuses: &[&'static str],
+    ) -> Result<Vec<OutgoingMessage>, sqlx::Error> {
+        let messages = (self.messages)(replies);
+        self.outbox
+            .row(&messages)
+            .bind(query.bind(self.inbox))
+            .fetch_one(conn)
+            .await?;
+        for status in statuses {
+            metrics::counter!(metric, "result" => *status).increment(1);
+        }
+        Ok(messages)
     }
-    Ok(messages)
 }
 
 /// The statement of a [`Decide::decide_at_once`]: `writes`, data-modifying CTEs with
@@ -311,8 +319,13 @@ impl<D: Decide> GroupCommit for CommandHandler<D> {
             let fast = if paused {
                 None
             } else {
+                let at_once = AtOnce {
+                    inbox: &ids,
+                    outbox: &self.outbox,
+                    messages: &build,
+                };
                 self.decide
-                    .decide_at_once(conn, &commands, &chaos, &ids, &self.outbox, &build)
+                    .decide_at_once(conn, &commands, &chaos, &at_once)
                     .await
             };
             match fast {

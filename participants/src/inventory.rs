@@ -14,11 +14,10 @@ use saga_shared_events::auth::{Admin, Authorized, Read};
 use saga_shared_events::consumer::HandlerError;
 use saga_shared_events::contract::{Body, Line, OrderRef, Participant, Refusal, ReserveInventory};
 use saga_shared_events::http::{ApiJson, FieldError, Problem};
-use saga_shared_events::outbox::{Outbox, OutgoingMessage};
+use saga_shared_events::outbox::OutgoingMessage;
 
 use crate::common::{
-    Chaos, Decide, ReplyMessages, answers, at_once_sql, check_path_id, internal, write_at_once,
-    wrong_command,
+    AtOnce, Chaos, Decide, answers, at_once_sql, check_path_id, internal, wrong_command,
 };
 
 /// Migrations of the inventory database.
@@ -205,9 +204,7 @@ impl Decide for Inventory {
         conn: &mut PgConnection,
         commands: &[&Body],
         _chaos: &Chaos,
-        inbox: &[Uuid],
-        outbox: &Outbox,
-        messages: &ReplyMessages<'_>,
+        at_once: &AtOnce<'_>,
     ) -> Option<Result<Vec<OutgoingMessage>, sqlx::Error>> {
         let reserves: Vec<&ReserveInventory> = commands
             .iter()
@@ -269,17 +266,15 @@ impl Decide for Inventory {
             .bind(&taken)
             .bind(&taken_n)
             .bind(&taken_was);
-        let written = write_at_once(
-            conn,
-            query,
-            replies,
-            messages,
-            inbox,
-            outbox,
-            "inventory_reservations_total",
-            &statuses,
-        )
-        .await;
+        let written = at_once
+            .write(
+                conn,
+                query,
+                replies,
+                "inventory_reservations_total",
+                &statuses,
+            )
+            .await;
         // The statement committed on its own: the stock is now what was computed.
         self.remember_stock(written.is_ok().then_some(stock));
         Some(written)

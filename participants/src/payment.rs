@@ -13,11 +13,10 @@ use saga_shared_events::consumer::HandlerError;
 use saga_shared_events::contract::{Body, ChargePayment, Charged, OrderRef, Participant, Refusal};
 use saga_shared_events::http::Problem;
 
-use saga_shared_events::outbox::{Outbox, OutgoingMessage};
+use saga_shared_events::outbox::OutgoingMessage;
 
 use crate::common::{
-    Chaos, Decide, ReplyMessages, answers, claim_at_once_sql, internal, with_earlier,
-    write_at_once, wrong_command,
+    AtOnce, Chaos, Decide, answers, claim_at_once_sql, internal, with_earlier, wrong_command,
 };
 
 /// Migrations of the payment database.
@@ -63,9 +62,7 @@ impl Decide for Payment {
         conn: &mut PgConnection,
         commands: &[&Body],
         chaos: &Chaos,
-        inbox: &[Uuid],
-        outbox: &Outbox,
-        messages: &ReplyMessages<'_>,
+        at_once: &AtOnce<'_>,
     ) -> Option<Result<Vec<OutgoingMessage>, sqlx::Error>> {
         let charges: Vec<&ChargePayment> = commands
             .iter()
@@ -91,17 +88,9 @@ impl Decide for Payment {
         let query = sqlx::query_as(sqlx::AssertSqlSafe(CHARGE_AT_ONCE_SQL.as_str()));
         let (query, statuses) = (plan.bind(query), &plan.statuses);
         Some(
-            write_at_once(
-                conn,
-                query,
-                replies,
-                messages,
-                inbox,
-                outbox,
-                "payments_total",
-                statuses,
-            )
-            .await,
+            at_once
+                .write(conn, query, replies, "payments_total", statuses)
+                .await,
         )
     }
 }

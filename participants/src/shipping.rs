@@ -13,11 +13,10 @@ use saga_shared_events::consumer::HandlerError;
 use saga_shared_events::contract::{Body, OrderRef, Participant, Refusal};
 use saga_shared_events::http::Problem;
 
-use saga_shared_events::outbox::{Outbox, OutgoingMessage};
+use saga_shared_events::outbox::OutgoingMessage;
 
 use crate::common::{
-    Chaos, Decide, ReplyMessages, answers, claim_at_once_sql, internal, with_earlier,
-    write_at_once, wrong_command,
+    AtOnce, Chaos, Decide, answers, claim_at_once_sql, internal, with_earlier, wrong_command,
 };
 
 /// Migrations of the shipping database.
@@ -83,9 +82,7 @@ impl Decide for Shipping {
         conn: &mut PgConnection,
         commands: &[&Body],
         chaos: &Chaos,
-        inbox: &[Uuid],
-        outbox: &Outbox,
-        messages: &ReplyMessages<'_>,
+        at_once: &AtOnce<'_>,
     ) -> Option<Result<Vec<OutgoingMessage>, sqlx::Error>> {
         let rate = chaos.success_rate.unwrap_or(1.0);
         let mut plan = ShipPlan::with_capacity(commands.len());
@@ -100,17 +97,9 @@ impl Decide for Shipping {
         let query = sqlx::query_as(sqlx::AssertSqlSafe(SHIP_AT_ONCE_SQL.as_str()));
         let (query, statuses) = (plan.bind(query), &plan.statuses);
         Some(
-            write_at_once(
-                conn,
-                query,
-                replies,
-                messages,
-                inbox,
-                outbox,
-                "shipments_total",
-                statuses,
-            )
-            .await,
+            at_once
+                .write(conn, query, replies, "shipments_total", statuses)
+                .await,
         )
     }
 }

@@ -611,4 +611,38 @@ mod tests {
             "nothing taken from a reservation that was refused"
         );
     }
+
+    #[test]
+    fn a_batch_is_decided_in_order_on_one_stock_and_counts_its_refusals() {
+        let reserve = |lines: Vec<Line>| ReserveInventory {
+            order_id: Uuid::now_v7(),
+            lines,
+        };
+        let batch = [
+            reserve(vec![line("a", 3)]),
+            reserve(vec![line("a", 3)]),
+            reserve(vec![line("a", 2), line("b", 1)]),
+        ];
+        let reserves: Vec<&ReserveInventory> = batch.iter().collect();
+        let wants: Vec<BTreeMap<&str, i64>> = batch.iter().map(|r| wanted(&r.lines)).collect();
+        let was = BTreeMap::from([("a".to_owned(), 5), ("b".to_owned(), 1)]);
+        let d = decide_reserves(&reserves, &wants, &was);
+        // The second finds only 2 left: refused; the third still fits after it.
+        assert_eq!(d.statuses, ["reserved", "rejected", "reserved"]);
+        assert_eq!(d.refused, 1);
+        assert_eq!(d.ids, batch.iter().map(|r| r.order_id).collect::<Vec<_>>());
+        assert_eq!(d.reasons[0], None);
+        assert!(
+            d.reasons[1]
+                .as_deref()
+                .unwrap()
+                .contains("insufficient stock for a")
+        );
+        assert_eq!(
+            d.stock,
+            BTreeMap::from([("a".to_owned(), 0), ("b".to_owned(), 0)])
+        );
+        assert!(matches!(d.replies[1], Body::InventoryRejected(_)));
+        assert_eq!(was["a"], 5, "the stock read is left as it was");
+    }
 }

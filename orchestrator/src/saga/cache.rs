@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 
-/// Batches that read after a cached write met a conflict: with several replicas the cache is
-/// often stale (each one sees only its share of every saga's replies), and each conflict costs an
-/// aborted statement, so the cache rests a while instead.
+/// Batches that read after a cached write met a conflict. A conflict means a saga changed
+/// elsewhere after this process wrote it (another replica, an operator); more may follow, and
+/// each costs an aborted statement, so the cache rests a while instead.
 const PAUSE_AFTER_CONFLICT: u32 = 64;
 
 /// A cached saga: its row as last written or read, and when it was created and last changed.

@@ -285,6 +285,14 @@ async fn a_saga_changed_while_its_reply_is_applied_is_retried_not_overwritten() 
     // moved three times after it.
     assert_eq!(detail.as_deref(), Some("kept"));
     assert_eq!(version, 4);
+    // The refused write was the one made from the orchestrator's cache (version 0, as it wrote
+    // the order), without a read.
+    let metrics = stack.metrics("orchestrator").await;
+    assert_eq!(
+        metrics.get("saga_cache_conflicts_total"),
+        Some(&1.0),
+        "{metrics:?}"
+    );
     assert_eq!(stack.stock(&fig).await, (8, 2));
     stack.assert_audit_clean(&[id], &[fig], 10).await;
 }

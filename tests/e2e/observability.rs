@@ -244,27 +244,6 @@ async fn a_saga_stays_one_trace_when_the_orchestrator_restarts_in_the_middle() {
     assert_eq!(to, ["created", "inventory_reserved", "paid", "shipped"]);
 }
 
-fn scrape(text: &str) -> BTreeMap<String, f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-        .filter_map(|l| {
-            let (k, v) = l.rsplit_once(' ')?;
-            Some((k.to_owned(), v.parse().ok()?))
-        })
-        .collect()
-}
-
-async fn metrics(stack: &Stack, svc: &str) -> BTreeMap<String, f64> {
-    let r = stack
-        .http
-        .get(stack.url(svc, "/metrics"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    scrape(&r.text().await.unwrap())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_sagas_steps_effects_and_requests() {
     let stack = Stack::start().await;
@@ -272,7 +251,7 @@ async fn metrics_count_sagas_steps_effects_and_requests() {
     stack.set_stock(&jam, 10).await;
     let mut before = BTreeMap::new();
     for svc in saga_e2e_tests::SERVICES {
-        before.insert(svc, metrics(&stack, svc).await);
+        before.insert(svc, stack.metrics(svc).await);
     }
 
     let mut ids = Vec::new();
@@ -365,7 +344,7 @@ async fn metrics_count_sagas_steps_effects_and_requests() {
     ];
     let mut after = BTreeMap::new();
     for svc in saga_e2e_tests::SERVICES {
-        after.insert(svc, metrics(&stack, svc).await);
+        after.insert(svc, stack.metrics(svc).await);
     }
     for (svc, key, want) in expect {
         assert_eq!(delta(svc, key, &after[svc]), want, "{svc} {key}");
@@ -395,7 +374,8 @@ async fn a_collector_that_is_down_costs_no_saga() {
     wait_until(Duration::from_secs(30), "dropped spans counted", || {
         let stack = &stack;
         async move {
-            metrics(stack, "orchestrator")
+            stack
+                .metrics("orchestrator")
                 .await
                 .get("otel_spans_dropped_total")
                 .copied()

@@ -565,6 +565,27 @@ impl Stack {
         lines[lines.len().saturating_sub(40)..].join("\n")
     }
 
+    /// A service's `/metrics`, series (with their labels) to values.
+    pub async fn metrics(&self, name: &str) -> BTreeMap<String, f64> {
+        let r = self
+            .http
+            .get(self.url(name, "/metrics"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        r.text()
+            .await
+            .unwrap()
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+            .filter_map(|l| {
+                let (k, v) = l.rsplit_once(' ')?;
+                Some((k.to_owned(), v.parse().ok()?))
+            })
+            .collect()
+    }
+
     /// `http://127.0.0.1:<port><path>` of a service.
     pub fn url(&self, name: &str, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.services[name].port)

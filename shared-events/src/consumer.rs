@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::HeaderMap;
+use async_nats::jetstream::consumer::pull::MessagesErrorKind;
 use async_nats::jetstream::{self, AckKind};
 use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
@@ -210,9 +211,25 @@ pub async fn run<H: Handler>(
     handler: Arc<H>,
     shutdown: CancellationToken,
 ) -> Result<(), NatsError> {
-    let consumer = spec.ensure(&js).await?;
+    let mut consumer = spec.ensure(&js).await?;
     let spec = Arc::new(spec);
+    let mut stalled = false;
     while !shutdown.is_cancelled() {
+        if stalled {
+            // The server lost the pull request (seen on a cluster, sent before the consumer's
+            // interest reached the client's node): the client would wait for it forever. Make
+            // sure the consumer exists, then pull anew.
+            match spec.ensure(&js).await {
+                Ok(c) => consumer = c,
+                Err(e) => {
+                    tracing::warn!(error = %e, consumer = %spec.durable, "cannot recreate; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    }
+                }
+            }
+        }
         let messages = consumer
             .stream()
             .max_messages_per_batch(spec.concurrency.max(1) * 2)
@@ -234,8 +251,16 @@ pub async fn run<H: Handler>(
         // handlers that batch); several batches run at once.
         let batch = spec.batch_size.max(1);
         let parallel = spec.concurrency.max(1).div_ceil(batch);
+        let heartbeat_missed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let missed = heartbeat_missed.clone();
         messages
             .take_until(shutdown.cancelled())
+            .take_while(move |item| {
+                let lost =
+                    matches!(item, Err(e) if e.kind() == MessagesErrorKind::MissingHeartbeat);
+                missed.fetch_or(lost, std::sync::atomic::Ordering::Relaxed);
+                std::future::ready(!lost)
+            })
             .ready_chunks(batch)
             .for_each_concurrent(parallel, |items| {
                 let js = js.clone();
@@ -256,6 +281,12 @@ pub async fn run<H: Handler>(
                 }
             })
             .await;
+        stalled = heartbeat_missed.load(std::sync::atomic::Ordering::Relaxed);
+        if stalled {
+            tracing::warn!(consumer = %spec.durable, "no heartbeat from the server; pulling anew");
+            metrics::counter!("consumer_pulls_renewed_total", "consumer" => spec.durable.clone())
+                .increment(1);
+        }
     }
     Ok(())
 }

@@ -60,13 +60,9 @@ impl GroupCommit for ReplyHandler {
         self.store.outbox()
     }
 
-    /// The store reads the batch's sagas and which replies it saw before, then writes the
-    /// inbox entries, transitions and outbox row in one statement.
-    fn commits_itself(&self) -> bool {
-        true
-    }
-
-    /// The replies of a batch: the store's set-based transition of every saga they concern.
+    /// The replies of a batch: the store's set-based transition of every saga they concern. It
+    /// reads the batch's sagas (unless it wrote them all last) and which replies it saw before,
+    /// then writes the inbox entries, transitions and outbox row in one statement.
     async fn work(
         &self,
         conn: &mut PgConnection,

@@ -265,11 +265,6 @@ impl<D: Decide> GroupCommit for CommandHandler<D> {
         }
     }
 
-    /// `work` commits in one statement, or in a transaction it opens when it must.
-    fn commits_itself(&self) -> bool {
-        true
-    }
-
     /// The fast path first (decisions, inbox and outbox row in one statement); when there is
     /// none or it meets a command or decision seen before, a transaction of inbox, decisions
     /// and outbox. Commands of different orders share each statement; a batch holding the same

@@ -85,22 +85,21 @@ pub async fn one_by_one<H: Handler + ?Sized>(
     out
 }
 
-/// What a batch of messages did inside its transaction.
+/// What a batch of messages did.
 #[derive(Debug)]
 pub struct BatchWork<C> {
     /// One outcome per message, in the order given.
     pub outcomes: Vec<Result<(), HandlerError>>,
-    /// Messages to write to the outbox in the same transaction and publish once it committed
-    /// (for a handler that [`GroupCommit::commits_itself`], already written, only to publish).
+    /// Messages `work` wrote to the outbox with its changes, to publish now that they committed.
     pub messages: Vec<OutgoingMessage>,
     /// What the handler wants back after commit (metrics to record).
     pub committed: C,
 }
 
 /// A handler that does the work of all messages ready together with a few set-based statements
-/// in one transaction (application-level group commit). Every `GroupCommit` is a [`Handler`]:
-/// inbox, work and outbox commit together; if the batch transaction fails, each message is tried
-/// again in a transaction of its own, so one bad message cannot hold back the others.
+/// (application-level group commit). Every `GroupCommit` is a [`Handler`]: inbox, work and
+/// outbox commit together; if the batch fails, each message is tried again on its own, so one
+/// bad message cannot hold back the others.
 pub trait GroupCommit: Send + Sync + 'static {
     /// Handed from `work` to `after_commit`.
     type Committed: Send;
@@ -111,31 +110,25 @@ pub trait GroupCommit: Send + Sync + 'static {
     /// The outbox the replies go through.
     fn outbox(&self) -> &Outbox;
 
-    /// Runs before the transaction begins (fault injection).
+    /// Runs before the batch's work (fault injection).
     fn before(&self) -> impl Future<Output = ()> + Send {
         async {}
     }
 
-    /// Does the work of `msgs` in `tx` (inbox included). A per-message failure that leaves the
-    /// transaction usable is an outcome; an `Err` rolls back the whole batch.
+    /// Does the work of `msgs` on `conn`, a connection outside any transaction, and commits it
+    /// with the inbox entries and the outbox row of `messages`: in one statement (which commits
+    /// atomically on its own, so BEGIN and COMMIT, two round trips, are saved), or in a
+    /// transaction it opens when that statement cannot do. A per-message failure is an outcome;
+    /// an `Err` must leave nothing of the batch written.
     fn work(
         &self,
-        tx: &mut PgConnection,
+        conn: &mut PgConnection,
         msgs: &[Incoming],
     ) -> impl Future<Output = Result<BatchWork<Self::Committed>, HandlerError>> + Send;
 
     /// Runs once the batch committed.
     fn after_commit(&self, committed: Self::Committed) {
         let _ = committed;
-    }
-
-    /// True when `work` commits what it writes itself, `messages` in the outbox included: in
-    /// one statement (which commits atomically on its own, so BEGIN and COMMIT, two round trips,
-    /// are saved), or in a transaction it opens on the connection when that statement cannot do.
-    /// The shell then hands it a connection outside any transaction and only publishes
-    /// `messages` once `work` returned.
-    fn commits_itself(&self) -> bool {
-        false
     }
 }
 
@@ -186,15 +179,8 @@ async fn commit_together<G: GroupCommit>(
         messages = msgs.len()
     );
     let work = async {
-        if handler.commits_itself() {
-            let mut conn = handler.pool().acquire().await?;
-            return handler.work(&mut conn, msgs).await;
-        }
-        let mut tx = handler.pool().begin().await?;
-        let work = handler.work(&mut tx, msgs).await?;
-        handler.outbox().enqueue(&mut tx, &work.messages).await?;
-        tx.commit().await?;
-        Ok::<_, HandlerError>(work)
+        let mut conn = handler.pool().acquire().await?;
+        handler.work(&mut conn, msgs).await
     }
     .instrument(span)
     .await?;

@@ -163,6 +163,11 @@ pub trait Decide: Send + Sync + 'static {
     }
 }
 
+/// True with probability `p`: always at 1 or more, never at 0 or less, without a draw then.
+pub fn chance(p: f64) -> bool {
+    p >= 1.0 || (p > 0.0 && rand::random_bool(p))
+}
+
 /// Turns a batch's replies, one per command in order, into the messages that carry them.
 pub type ReplyMessages<'a> = dyn Fn(Vec<Body>) -> Vec<OutgoingMessage> + Sync + 'a;
 
@@ -284,7 +289,7 @@ impl<D: Decide> GroupCommit for CommandHandler<D> {
                 outcomes[i] = Err(HandlerError::Permanent(
                     "payload order_id differs from saga_id".into(),
                 ));
-            } else if chaos.error_rate > 0.0 && rand::random_bool(chaos.error_rate) {
+            } else if chance(chaos.error_rate) {
                 outcomes[i] = Err(HandlerError::Transient("chaos: injected failure".into()));
             } else if !orders.insert(env.saga_id) {
                 return Err(HandlerError::Transient("one order twice in a batch".into()));
@@ -398,11 +403,7 @@ impl<D: Decide> CommandHandler<D> {
                 span.record("otel.status_description", r.reason.as_str());
             }
             let _entered = span.enter();
-            let copies = if chaos.duplicate_rate > 0.0 && rand::random_bool(chaos.duplicate_rate) {
-                2
-            } else {
-                1
-            };
+            let copies = if chance(chaos.duplicate_rate) { 2 } else { 1 };
             for _ in 0..copies {
                 messages.push(OutgoingMessage::new(&Envelope::new(
                     env.saga_id,
@@ -544,4 +545,19 @@ pub fn check_path_id(id: &str) -> Result<(), Problem> {
 pub fn internal(e: sqlx::Error) -> Problem {
     tracing::error!(error.cause_chain = ?e, "request failed");
     Problem::unavailable("database unavailable", 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chance_draws_only_strictly_between_zero_and_one() {
+        for _ in 0..100 {
+            assert!(chance(1.0) && chance(2.0));
+            assert!(!chance(0.0) && !chance(-1.0) && !chance(f64::NAN));
+        }
+        let hits = (0..10_000).filter(|_| chance(0.5)).count();
+        assert!((4_000..6_000).contains(&hits), "{hits}");
+    }
 }

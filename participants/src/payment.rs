@@ -16,7 +16,8 @@ use saga_shared_events::http::Problem;
 use saga_shared_events::outbox::OutgoingMessage;
 
 use crate::common::{
-    AtOnce, Chaos, Decide, answers, claim_at_once_sql, internal, with_earlier, wrong_command,
+    AtOnce, Chaos, Decide, answers, chance, claim_at_once_sql, internal, with_earlier,
+    wrong_command,
 };
 
 /// Migrations of the payment database.
@@ -115,7 +116,7 @@ impl<'a> ChargePlan<'a> {
             reasons: Vec::with_capacity(charges.len()),
         };
         for c in charges {
-            let approve = success_rate >= 1.0 || rand::random_bool(success_rate.clamp(0.0, 1.0));
+            let approve = chance(success_rate);
             plan.ids.push(c.order_id);
             plan.statuses
                 .push(if approve { "charged" } else { "declined" });

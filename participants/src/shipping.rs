@@ -16,7 +16,8 @@ use saga_shared_events::http::Problem;
 use saga_shared_events::outbox::OutgoingMessage;
 
 use crate::common::{
-    AtOnce, Chaos, Decide, answers, claim_at_once_sql, internal, with_earlier, wrong_command,
+    AtOnce, Chaos, Decide, answers, chance, claim_at_once_sql, internal, with_earlier,
+    wrong_command,
 };
 
 /// Migrations of the shipping database.
@@ -127,7 +128,7 @@ impl<'a> ShipPlan<'a> {
     fn draw(&mut self, command: &'a Body, rate: f64) -> bool {
         let (order_id, customer_id, status, reason) = match command {
             Body::ShipOrder(c) => {
-                if rate >= 1.0 || rand::random_bool(rate.clamp(0.0, 1.0)) {
+                if chance(rate) {
                     (c.order_id, c.customer_id.as_str(), "shipped", None)
                 } else {
                     let reason = Some("carrier could not ship the order");

@@ -185,7 +185,7 @@ async fn commit_together<G: GroupCommit>(
     .instrument(span)
     .await?;
     handler.after_commit(work.committed);
-    handler.outbox().publish_committed(work.messages);
+    handler.outbox().publish_committed(work.messages).await;
     Ok(work.outcomes)
 }
 
@@ -378,10 +378,16 @@ async fn process<H: Handler>(
         outcomes[i] = r;
     }
     for (d, outcome) in deliveries.into_iter().zip(outcomes) {
-        settle(js, spec, &d.msg, d.delivered, &d.span, outcome).await;
+        // Instrumented, never entered: an entered span held across an await stays current on
+        // the thread the task was suspended on, and a span another task opens there under it
+        // after it closed panics in tracing-subscriber (seen at 64 in flight).
+        settle(js, spec, &d.msg, d.delivered, &d.span, outcome)
+            .instrument(d.span.clone())
+            .await;
     }
 }
 
+/// Acknowledges, retries or dead-letters a message; runs in its span.
 async fn settle(
     js: &jetstream::Context,
     spec: &ConsumerSpec,
@@ -390,7 +396,6 @@ async fn settle(
     span: &tracing::Span,
     outcome: Result<(), HandlerError>,
 ) {
-    let _enter = span.enter();
     match outcome {
         Ok(()) => ack(msg, AckKind::Ack).await,
         Err(HandlerError::Transient(e)) if delivered < spec.max_deliver => {

@@ -97,7 +97,9 @@ pub const PINNED_PLANS: [(&str, &str); 2] = [
 
 /// A pool beside `pool`, to the same database, for the hot path's batch statements only
 /// ([`PINNED_PLANS`]). Its few connections are opened in the background and kept, so no batch
-/// waits for a new backend to start.
+/// waits for a new backend to start. They are not pinged before use: the ping is a round trip to
+/// Postgres on every batch's critical path, and a connection that broke meanwhile fails its
+/// statement, whose messages are retried, and is replaced.
 pub fn batch_pool(pool: &PgPool, max_connections: u32) -> PgPool {
     let options = (*pool.connect_options()).clone().options(PINNED_PLANS);
     let max_connections = max_connections.max(1);
@@ -105,6 +107,7 @@ pub fn batch_pool(pool: &PgPool, max_connections: u32) -> PgPool {
         .max_connections(max_connections)
         .min_connections(max_connections)
         .idle_timeout(None)
+        .test_before_acquire(false)
         .acquire_timeout(Duration::from_secs(5))
         .connect_lazy_with(options)
 }

@@ -117,30 +117,33 @@ impl Outbox {
         enqueue_due_in(conn, messages, self.grace()).await
     }
 
-    /// Publishes the messages of a row whose transaction has committed, in the background; the
-    /// row is deleted once every message was acknowledged. Failures are left to the relay.
-    pub fn publish_committed(&self, messages: Vec<OutgoingMessage>) {
+    /// Publishes the messages of a row whose transaction has committed; the row is deleted once
+    /// every message was acknowledged, in the background. The publishes are handed to the client
+    /// here, before the caller acknowledges what it consumed, so they leave first and on this
+    /// task (the next service waits for them; a spawned task would first have to be woken).
+    /// Failures are left to the relay.
+    pub async fn publish_committed(&self, messages: Vec<OutgoingMessage>) {
         if !self.fast_path || messages.is_empty() {
             return;
         }
         let row = (messages[0].message_id, messages.len() as u64);
-        let js = self.js.clone();
-        let acked = self.acked.clone();
-        self.tracker.spawn(async move {
-            let mut pending = Vec::with_capacity(messages.len());
-            for m in messages {
-                let headers = header_map(&m.headers);
-                match js
-                    .publish_with_headers(m.subject, headers, m.payload.into())
-                    .await
-                {
-                    Ok(ack) => pending.push(ack),
-                    Err(e) => {
-                        tracing::debug!(error = %e, "fast publish failed; relay will retry");
-                        return;
-                    }
+        let mut pending = Vec::with_capacity(messages.len());
+        for m in messages {
+            let headers = header_map(&m.headers);
+            match self
+                .js
+                .publish_with_headers(m.subject, headers, m.payload.into())
+                .await
+            {
+                Ok(ack) => pending.push(ack),
+                Err(e) => {
+                    tracing::debug!(error = %e, "fast publish failed; relay will retry");
+                    return;
                 }
             }
+        }
+        let acked = self.acked.clone();
+        self.tracker.spawn(async move {
             for ack in pending {
                 if !matches!(
                     tokio::time::timeout(Duration::from_secs(5), ack).await,
@@ -185,6 +188,7 @@ fn cleanup_pool(pool: &PgPool) -> PgPool {
         .options(crate::db::PINNED_PLANS);
     sqlx::postgres::PgPoolOptions::new()
         .max_connections(1)
+        .test_before_acquire(false)
         .acquire_timeout(Duration::from_secs(5))
         .connect_lazy_with(options)
 }

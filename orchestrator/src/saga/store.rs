@@ -658,13 +658,15 @@ impl SagaStore {
         if let Some(tx) = tx {
             tx.commit().await?;
         }
-        self.outbox.publish_committed(messages);
+        // Cached before the commands leave, so their replies cannot be applied, and cached,
+        // before this older state is.
         self.cache.put(
             sagas
                 .iter()
                 .filter(|s| written.contains_key(&s.order_id))
                 .map(|s| (s.order_id, Some(Entry::aged(s.loaded(), 0.0, 0.0)))),
         );
+        self.outbox.publish_committed(messages).await;
         Ok(written)
     }
 
@@ -739,7 +741,8 @@ impl SagaStore {
         tx.commit().await?;
         applied.record_metrics();
         self.outbox
-            .publish_committed(std::mem::take(&mut applied.messages));
+            .publish_committed(std::mem::take(&mut applied.messages))
+            .await;
         Ok(applied)
     }
 
@@ -1211,7 +1214,8 @@ impl SagaStore {
         tx.commit().await?;
         applied.record_metrics();
         self.outbox
-            .publish_committed(std::mem::take(&mut applied.messages));
+            .publish_committed(std::mem::take(&mut applied.messages))
+            .await;
         Ok(applied)
     }
 
@@ -1248,7 +1252,7 @@ impl SagaStore {
         for a in &applied {
             a.record_metrics();
         }
-        self.outbox.publish_committed(messages);
+        self.outbox.publish_committed(messages).await;
         Ok(due.len())
     }
 

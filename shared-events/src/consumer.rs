@@ -178,14 +178,14 @@ async fn commit_together<G: GroupCommit>(
         db.system = "postgresql",
         messages = msgs.len()
     );
-    let work = async {
-        let mut conn = handler.pool().acquire().await?;
-        handler.work(&mut conn, msgs).await
-    }
-    .instrument(span)
-    .await?;
+    let mut conn = handler.pool().acquire().instrument(span.clone()).await?;
+    let work = handler.work(&mut conn, msgs).instrument(span).await?;
     handler.after_commit(work.committed);
     handler.outbox().publish_committed(work.messages).await;
+    // sqlx pings a connection as it goes back to the pool, a round trip to Postgres, in a task
+    // that would run before the client's writer: let the writer send the messages first.
+    tokio::task::yield_now().await;
+    drop(conn);
     Ok(work.outcomes)
 }
 

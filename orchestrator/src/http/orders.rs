@@ -60,6 +60,54 @@ pub const STATUSES: [&str; 8] = [
 )]
 pub struct ApiDoc;
 
+/// The problem responses every endpoint documents: no or a bad token, a missing scope, overload.
+struct EveryEndpoint;
+
+impl utoipa::IntoResponses for EveryEndpoint {
+    fn responses() -> ResponseMap {
+        problems(&[
+            (401, "Missing or invalid bearer token"),
+            (403, "The token lacks the scope"),
+            (
+                503,
+                "Saturated, timed out or database unavailable; see Retry-After",
+            ),
+        ])
+    }
+}
+
+/// The problem responses of an action on an order (cancel, retry).
+struct OrderAction;
+
+impl utoipa::IntoResponses for OrderAction {
+    fn responses() -> ResponseMap {
+        problems(&[
+            (404, "No such order"),
+            (409, "Not possible in the order's state"),
+        ])
+    }
+}
+
+type ResponseMap =
+    std::collections::BTreeMap<String, utoipa::openapi::RefOr<utoipa::openapi::response::Response>>;
+
+/// `application/problem+json` responses with a [`Problem`] body.
+fn problems(list: &[(u16, &str)]) -> ResponseMap {
+    use utoipa::openapi::{Content, Ref, response::ResponseBuilder};
+    list.iter()
+        .map(|(status, description)| {
+            let response = ResponseBuilder::new()
+                .description(*description)
+                .content(
+                    "application/problem+json",
+                    Content::new(Some(Ref::from_schema_name("Problem"))),
+                )
+                .build();
+            (status.to_string(), response.into())
+        })
+        .collect()
+}
+
 struct BearerAuth;
 
 impl utoipa::Modify for BearerAuth {
@@ -193,12 +241,10 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Problem> {
         (status = 202, description = "Accepted; the saga runs", body = OrderView, headers(("Location" = String, description = "/orders/{id}"))),
         (status = 200, description = "The order created earlier with this Idempotency-Key", body = OrderView),
         (status = 400, description = "Malformed JSON", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "Missing or invalid bearer token", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "The token lacks the scope", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Body over 64 KiB", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid fields, each named", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Saturated, timed out or database unavailable; see Retry-After", body = Problem, content_type = "application/problem+json"),
+        EveryEndpoint,
     ),
     security(("bearer" = ["orders:write"])))]
 #[tracing::instrument(name = "create order", skip_all, fields(saga_id = tracing::field::Empty))]
@@ -233,10 +279,8 @@ fn parse_id(id: &str) -> Result<Uuid, Problem> {
     params(("id" = String, Path, description = "Order id")),
     responses(
         (status = 200, description = "The order", body = OrderView),
-        (status = 401, description = "Missing or invalid bearer token", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "The token lacks the scope", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such order", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Saturated, timed out or database unavailable; see Retry-After", body = Problem, content_type = "application/problem+json"),
+        EveryEndpoint,
     ),
     security(("bearer" = ["orders:read"])))]
 async fn get_order(
@@ -275,10 +319,8 @@ pub struct OrderPage {
     ),
     responses(
         (status = 200, description = "A page", body = OrderPage),
-        (status = 401, description = "Missing or invalid bearer token", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "The token lacks the scope", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid query parameters, each named", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Saturated, timed out or database unavailable; see Retry-After", body = Problem, content_type = "application/problem+json"),
+        EveryEndpoint,
     ),
     security(("bearer" = ["orders:read"])))]
 async fn list_orders(
@@ -331,11 +373,8 @@ async fn list_orders(
     params(("id" = String, Path, description = "Order id")),
     responses(
         (status = 202, description = "Accepted", body = OrderView),
-        (status = 401, description = "Missing or invalid bearer token", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "The token lacks the scope", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No such order", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "Not possible in the order's state", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Saturated, timed out or database unavailable; see Retry-After", body = Problem, content_type = "application/problem+json"),
+        OrderAction,
+        EveryEndpoint,
     ),
     security(("bearer" = ["orders:admin"])))]
 async fn cancel_order(
@@ -353,11 +392,8 @@ async fn cancel_order(
     params(("id" = String, Path, description = "Order id")),
     responses(
         (status = 202, description = "Accepted", body = OrderView),
-        (status = 401, description = "Missing or invalid bearer token", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "The token lacks the scope", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No such order", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "Not possible in the order's state", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Saturated, timed out or database unavailable; see Retry-After", body = Problem, content_type = "application/problem+json"),
+        OrderAction,
+        EveryEndpoint,
     ),
     security(("bearer" = ["orders:admin"])))]
 async fn retry_order(

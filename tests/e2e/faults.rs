@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use saga_e2e_tests::{Stack, StackOptions, product};
+use saga_e2e_tests::{Stack, StackOptions, binary, product};
 
 const FINISH: Duration = Duration::from_secs(180);
 
@@ -308,4 +308,89 @@ async fn sigterm_stops_a_service_cleanly_within_ten_seconds_mid_run() {
     let outcomes = stack.wait_all_terminal(&ids, FINISH).await;
     assert!(!outcomes.contains_key("failed"), "{outcomes:?}");
     stack.assert_audit_clean(&ids, &products, 1000).await;
+}
+
+/// `sagactl chaos` against a stack: every order ends and is counted once, the observed payment
+/// rate follows the configured one, the audit passes, the participants' chaos settings are
+/// restored, and the Postgres and NATS figures per saga are read live and add up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sagactl_chaos_accounts_for_every_order_and_restores_the_settings() {
+    // A server of its own: the transaction and WAL counters are the server's, and other tests
+    // write to the shared one meanwhile.
+    let stack = Stack::start_with(StackOptions {
+        private_postgres: true,
+        ..StackOptions::default()
+    })
+    .await;
+    let before: serde_json::Value = stack
+        .http
+        .get(stack.url("payment", "/chaos"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let mut cmd = tokio::process::Command::new(binary("sagactl"));
+    cmd.args(["chaos", "--orders", "120", "--concurrency", "8"])
+        .args(["--payment-success-rate", "0.5", "--seed", "7", "--json"])
+        .env("SAGACTL_ORCHESTRATOR_URL", stack.url("orchestrator", ""))
+        .env("SAGACTL_INVENTORY_URL", stack.url("inventory", ""))
+        .env("SAGACTL_PAYMENT_URL", stack.url("payment", ""))
+        .env("SAGACTL_SHIPPING_URL", stack.url("shipping", ""))
+        .env("NATS_URL", stack.nats_url());
+    for svc in ["orchestrator", "inventory", "payment", "shipping"] {
+        cmd.env(
+            format!("{}_DATABASE_URL", svc.to_uppercase()),
+            stack.db_url(svc),
+        );
+    }
+    let out = tokio::time::timeout(FINISH, cmd.output())
+        .await
+        .expect("sagactl chaos finished in time")
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "sagactl chaos failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+
+    let outcomes = r["outcomes"].as_object().unwrap();
+    let ended: u64 = outcomes.values().map(|v| v.as_u64().unwrap()).sum();
+    assert_eq!(ended, 120, "{outcomes:?}");
+    let shipped = outcomes
+        .get("shipped")
+        .and_then(|v| v.as_u64())
+        .unwrap_or(0);
+    let declined = r["cancel_reasons"]["payment_declined"]
+        .as_u64()
+        .unwrap_or(0);
+    assert_eq!(shipped + declined, 120, "{r}");
+    // 120 draws at 0.5: outside 0.3..0.7 is about one run in 10^5.
+    let observed = r["payment_success_rate_observed"].as_f64().unwrap();
+    assert!((0.3..=0.7).contains(&observed), "{observed}");
+    assert_eq!(r["audit"]["sagas"], 120, "{r}");
+    assert!(r["violations"].as_array().unwrap().is_empty(), "{r}");
+
+    // Created, three commands, three replies, the end: eight messages whichever way it ends.
+    assert_eq!(r["nats_messages_per_saga"].as_f64(), Some(8.0), "{r}");
+    // Seven durable steps (the order, three participants, three transitions), partly shared
+    // between sagas by group commit, plus the outbox clean-ups.
+    let writes = r["postgres_write_transactions_per_saga"].as_f64().unwrap();
+    assert!((1.0..=12.0).contains(&writes), "{writes}");
+    let wal = r["postgres_wal_bytes_per_saga"].as_f64().unwrap();
+    assert!(wal > 1_000.0, "{wal}");
+
+    let after: serde_json::Value = stack
+        .http
+        .get(stack.url("payment", "/chaos"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(after, before, "the previous chaos settings are back");
 }

@@ -43,7 +43,8 @@ pub fn bin_dir() -> PathBuf {
         .to_path_buf()
 }
 
-fn binary(name: &str) -> PathBuf {
+/// The path of one of the workspace's binaries (built by `cargo build --workspace --bins`).
+pub fn binary(name: &str) -> PathBuf {
     let p = bin_dir().join(name);
     assert!(
         p.exists(),
@@ -751,6 +752,15 @@ impl Stack {
     /// A JetStream context on the test's broker.
     pub async fn jetstream(&self) -> async_nats::jetstream::Context {
         async_nats::jetstream::new(self.nats_client().await)
+    }
+
+    /// The URL of the test's broker (its first live node).
+    pub fn nats_url(&self) -> String {
+        self.nats
+            .iter()
+            .find(|n| n.child.is_some())
+            .map(Nats::url)
+            .expect("a live NATS node")
     }
 
     /// A client of the test's broker (any node).

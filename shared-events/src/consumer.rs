@@ -181,7 +181,7 @@ async fn commit_together<G: GroupCommit>(
     let mut conn = handler.pool().acquire().instrument(span.clone()).await?;
     let work = handler.work(&mut conn, msgs).instrument(span).await?;
     handler.after_commit(work.committed);
-    handler.outbox().publish_committed(work.messages).await;
+    handler.outbox().publish_committed(work.messages);
     // sqlx pings a connection as it goes back to the pool, a round trip to Postgres, in a task
     // that would run before the client's writer: let the writer send the messages first.
     tokio::task::yield_now().await;

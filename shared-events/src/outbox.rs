@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::Context as JetStream;
+use bytes::Bytes;
+use futures_util::FutureExt;
 use futures_util::future::join_all;
 use sqlx::postgres::PgListener;
 use sqlx::{PgConnection, PgPool};
@@ -118,33 +120,55 @@ impl Outbox {
     }
 
     /// Publishes the messages of a row whose transaction has committed; the row is deleted once
-    /// every message was acknowledged, in the background. The publishes are handed to the client
-    /// here, before the caller acknowledges what it consumed, so they leave first and on this
-    /// task (the next service waits for them; a spawned task would first have to be woken).
-    /// Failures are left to the relay.
-    pub async fn publish_committed(&self, messages: Vec<OutgoingMessage>) {
+    /// every message was acknowledged, in the background. Failures are left to the relay.
+    ///
+    /// A message the client takes at once (it nearly always does) is handed to it here, so it
+    /// leaves before the caller acknowledges what it consumed and without waking another task;
+    /// the next service waits for it. One the client cannot take now (its buffer full or too many
+    /// acknowledgements pending, as while NATS is away) goes in the background with the rest, so
+    /// the caller never waits for the broker.
+    pub fn publish_committed(&self, messages: Vec<OutgoingMessage>) {
         if !self.fast_path || messages.is_empty() {
             return;
         }
         let row = (messages[0].message_id, messages.len() as u64);
-        let mut pending = Vec::with_capacity(messages.len());
+        let mut acks = Vec::with_capacity(messages.len());
+        let mut later = Vec::new();
         for m in messages {
-            let headers = header_map(&m.headers);
-            match self
-                .js
-                .publish_with_headers(m.subject, headers, m.payload.into())
-                .await
-            {
-                Ok(ack) => pending.push(ack),
-                Err(e) => {
-                    tracing::debug!(error = %e, "fast publish failed; relay will retry");
-                    return;
+            let (subject, headers, payload) =
+                (m.subject, header_map(&m.headers), Bytes::from(m.payload));
+            if later.is_empty() {
+                let now = self
+                    .js
+                    .publish_with_headers(subject.clone(), headers.clone(), payload.clone())
+                    .now_or_never();
+                match now {
+                    Some(Ok(ack)) => {
+                        acks.push(ack);
+                        continue;
+                    }
+                    Some(Err(e)) => {
+                        tracing::debug!(error = %e, "fast publish failed; relay will retry");
+                        return;
+                    }
+                    None => {}
                 }
             }
+            later.push((subject, headers, payload));
         }
+        let js = self.js.clone();
         let acked = self.acked.clone();
         self.tracker.spawn(async move {
-            for ack in pending {
+            for (subject, headers, payload) in later {
+                match js.publish_with_headers(subject, headers, payload).await {
+                    Ok(ack) => acks.push(ack),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "fast publish failed; relay will retry");
+                        return;
+                    }
+                }
+            }
+            for ack in acks {
                 if !matches!(
                     tokio::time::timeout(Duration::from_secs(5), ack).await,
                     Ok(Ok(_))

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use saga_e2e_tests::{Stack, StackOptions, binary, product};
+use saga_e2e_tests::{Stack, StackOptions, binary, order_body, product};
 
 const FINISH: Duration = Duration::from_secs(180);
 
@@ -393,4 +393,53 @@ async fn sagactl_chaos_accounts_for_every_order_and_restores_the_settings() {
         .await
         .unwrap();
     assert_eq!(after, before, "the previous chaos settings are back");
+}
+
+/// With the broker down, orders are still accepted at once, each committed with its messages in
+/// the outbox, and they finish once it is back: no request waits for NATS, not even once the
+/// client's buffer of unsent messages (2,048) has filled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orders_are_accepted_at_once_while_nats_is_down_and_finish_once_it_is_back() {
+    use futures_util::StreamExt;
+    let mut stack = Stack::start().await;
+    let products = stocked(&stack, 5, 10_000).await;
+    stack.nats[0].kill().await;
+    // Two messages per order leave the orchestrator: 1,200 orders are more than the buffer.
+    let stack_ref = &stack;
+    let products_ref = &products;
+    let results: Vec<(String, Duration)> = futures_util::stream::iter(0..1_200usize)
+        .map(|i| async move {
+            let p = products_ref[i % products_ref.len()].as_str();
+            let body = order_body(&format!("down{i}"), &[(p, 1, 100)]);
+            let started = tokio::time::Instant::now();
+            let r = stack_ref
+                .http
+                .post(stack_ref.url("orchestrator", "/orders"))
+                .json(&body)
+                .send()
+                .await
+                .unwrap_or_else(|e| panic!("order {i} got no answer while NATS was down: {e}"));
+            let took = started.elapsed();
+            assert_eq!(r.status(), 202, "order {i} not accepted while NATS is down");
+            let v: serde_json::Value = r.json().await.unwrap();
+            (v["id"].as_str().unwrap().to_owned(), took)
+        })
+        .buffer_unordered(32)
+        .collect()
+        .await;
+    let slowest = results.iter().map(|r| r.1).max().unwrap();
+    // A request that waited for the broker would take the client's publish timeout (5 s).
+    assert!(
+        slowest < Duration::from_secs(2),
+        "the slowest order took {slowest:?} while NATS was down"
+    );
+    stack.nats[0].restart().await;
+    let ids: Vec<String> = results.into_iter().map(|r| r.0).collect();
+    let outcomes = stack.wait_all_terminal(&ids, FINISH).await;
+    assert_eq!(
+        outcomes.get("shipped").copied(),
+        Some(1_200),
+        "{outcomes:?}"
+    );
+    stack.assert_audit_clean(&ids, &products, 10_000).await;
 }

@@ -658,15 +658,15 @@ impl SagaStore {
         if let Some(tx) = tx {
             tx.commit().await?;
         }
-        // Cached before the commands leave, so their replies cannot be applied, and cached,
-        // before this older state is.
+        // Cached before the commands leave: a reply applied (and cached) first would otherwise
+        // be overwritten here by this older state.
         self.cache.put(
             sagas
                 .iter()
                 .filter(|s| written.contains_key(&s.order_id))
                 .map(|s| (s.order_id, Some(Entry::aged(s.loaded(), 0.0, 0.0)))),
         );
-        self.outbox.publish_committed(messages).await;
+        self.outbox.publish_committed(messages);
         Ok(written)
     }
 
@@ -741,8 +741,7 @@ impl SagaStore {
         tx.commit().await?;
         applied.record_metrics();
         self.outbox
-            .publish_committed(std::mem::take(&mut applied.messages))
-            .await;
+            .publish_committed(std::mem::take(&mut applied.messages));
         Ok(applied)
     }
 
@@ -1214,8 +1213,7 @@ impl SagaStore {
         tx.commit().await?;
         applied.record_metrics();
         self.outbox
-            .publish_committed(std::mem::take(&mut applied.messages))
-            .await;
+            .publish_committed(std::mem::take(&mut applied.messages));
         Ok(applied)
     }
 
@@ -1252,7 +1250,7 @@ impl SagaStore {
         for a in &applied {
             a.record_metrics();
         }
-        self.outbox.publish_committed(messages).await;
+        self.outbox.publish_committed(messages);
         Ok(due.len())
     }
 

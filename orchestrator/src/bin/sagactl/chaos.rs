@@ -84,7 +84,7 @@ pub struct ChaosReport {
     latency_ms: BTreeMap<&'static str, f64>,
     cpu_seconds: BTreeMap<String, f64>,
     cpu_ms_per_saga: BTreeMap<String, f64>,
-    rss_mb: BTreeMap<String, f64>,
+    memory_mb: BTreeMap<String, f64>,
     postgres_write_transactions_per_saga: Option<f64>,
     postgres_wal_bytes_per_saga: Option<f64>,
     nats_messages_per_saga: Option<f64>,
@@ -382,7 +382,7 @@ async fn drive(
         .iter()
         .map(|(k, s)| (k.clone(), s * 1000.0 / n))
         .collect();
-    let rss_mb = proc_stats::rss_mb();
+    let memory_mb = proc_stats::memory_mb();
 
     let mut violations = Vec::new();
     if http_errors > 0 {
@@ -446,7 +446,7 @@ async fn drive(
         latency_ms,
         cpu_seconds: cpu,
         cpu_ms_per_saga,
-        rss_mb,
+        memory_mb,
         postgres_write_transactions_per_saga: pg_per_saga.map(|p| p.0),
         postgres_wal_bytes_per_saga: pg_per_saga.map(|p| p.1),
         nats_messages_per_saga: msgs,
@@ -497,12 +497,12 @@ pub fn print_report(r: &ChaosReport) {
         r.latency_ms["p50"], r.latency_ms["p90"], r.latency_ms["p99"], r.latency_ms["max"]
     );
     if !r.cpu_seconds.is_empty() {
-        println!("cpu (seconds, ms per saga, RSS MB):");
+        println!("cpu (seconds, ms per saga) and memory (PSS MB):");
         for (k, v) in &r.cpu_seconds {
             println!(
                 "  {k:<13} {v:>8.2} s  {:>6.3} ms/saga  {:>7.1} MB",
                 r.cpu_ms_per_saga[k],
-                r.rss_mb.get(k).copied().unwrap_or(0.0)
+                r.memory_mb.get(k).copied().unwrap_or(0.0)
             );
         }
     }

@@ -54,8 +54,11 @@ pub fn diff(before: &Snapshot, after: &Snapshot) -> BTreeMap<String, f64> {
     out
 }
 
-/// Resident memory per process kind, in MB.
-pub fn rss_mb() -> BTreeMap<String, f64> {
+/// Memory per process kind, in MB: the proportional set size (PSS), in which a page shared by
+/// several processes counts a share in each, so the sum over Postgres' processes counts its
+/// shared buffers once (their resident sizes summed count them in every backend). Where PSS
+/// cannot be read (another user's process), the resident size stands in.
+pub fn memory_mb() -> BTreeMap<String, f64> {
     let mut out = BTreeMap::new();
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return out;
@@ -69,18 +72,25 @@ pub fn rss_mb() -> BTreeMap<String, f64> {
         if !WATCHED.contains(&comm) {
             continue;
         }
-        let Ok(status) = std::fs::read_to_string(path.join("status")) else {
-            continue;
-        };
-        let kb: f64 = status
-            .lines()
-            .find(|l| l.starts_with("VmRSS:"))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0);
-        *out.entry(comm.to_string()).or_default() += kb / 1024.0;
+        let pss = std::fs::read_to_string(path.join("smaps_rollup"))
+            .ok()
+            .and_then(|t| kb_field(&t, "Pss:"));
+        let kb = pss.or_else(|| {
+            std::fs::read_to_string(path.join("status"))
+                .ok()
+                .and_then(|t| kb_field(&t, "VmRSS:"))
+        });
+        *out.entry(comm.to_string()).or_default() += kb.unwrap_or(0.0) / 1024.0;
     }
     out
+}
+
+/// The kB value of the line starting with `name` in a /proc file.
+fn kb_field(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
 }
 
 /// `(pid, comm, stat fields after comm)` of every process.
@@ -108,6 +118,21 @@ fn processes() -> Vec<(u32, String, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn memory_fields_are_read_by_name() {
+        let rollup = "560e97b90000-7ffddfa43000 ---p 00000000 00:00 0  [rollup]\n\
+                      Rss:                1768 kB\n\
+                      Pss:                 324 kB\n\
+                      Pss_Dirty:           116 kB\n";
+        assert_eq!(kb_field(rollup, "Pss:"), Some(324.0));
+        assert_eq!(kb_field(rollup, "Rss:"), Some(1768.0));
+        assert_eq!(
+            kb_field("Name:\tx\nVmRSS:\t  2048 kB\n", "VmRSS:"),
+            Some(2048.0)
+        );
+        assert_eq!(kb_field(rollup, "VmRSS:"), None);
+    }
 
     #[test]
     fn a_process_reaped_during_the_run_does_not_lower_the_sum() {

@@ -322,15 +322,8 @@ async fn sagactl_chaos_accounts_for_every_order_and_restores_the_settings() {
         ..StackOptions::default()
     })
     .await;
-    let before: serde_json::Value = stack
-        .http
-        .get(stack.url("payment", "/chaos"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (status, before) = stack.get("payment", "/chaos").await;
+    assert_eq!(status, 200, "{before}");
     let mut cmd = tokio::process::Command::new(binary("sagactl"));
     cmd.args(["chaos", "--orders", "120", "--concurrency", "8"])
         .args(["--payment-success-rate", "0.5", "--seed", "7", "--json"])
@@ -383,15 +376,8 @@ async fn sagactl_chaos_accounts_for_every_order_and_restores_the_settings() {
     let wal = r["postgres_wal_bytes_per_saga"].as_f64().unwrap();
     assert!(wal > 1_000.0, "{wal}");
 
-    let after: serde_json::Value = stack
-        .http
-        .get(stack.url("payment", "/chaos"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (status, after) = stack.get("payment", "/chaos").await;
+    assert_eq!(status, 200, "{after}");
     assert_eq!(after, before, "the previous chaos settings are back");
 }
 

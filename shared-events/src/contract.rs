@@ -494,6 +494,24 @@ mod tests {
     }
 
     #[test]
+    fn decoding_takes_any_field_order_escapes_and_unknown_fields() {
+        let order = "00000000-0000-0000-0000-000000000007";
+        let json = format!(
+            r#"{{"payload": {{"order_id": "{order}"}}, "added_later": [1, {{"x": 2}}],
+                "type": "shipping\u002eshipped", "version": 1, "saga_id": "{order}",
+                "occurred_at": "1970-01-01T00:00:00Z", "message_id": "{order}"}}"#
+        );
+        let decoded = Envelope::decode(json.as_bytes()).unwrap();
+        assert_eq!(decoded.causation_id, None);
+        assert_eq!(
+            decoded.body,
+            Body::Shipped(OrderRef {
+                order_id: order.parse().unwrap()
+            })
+        );
+    }
+
+    #[test]
     fn garbage_unknown_types_and_unknown_versions_are_rejected() {
         assert!(matches!(
             Envelope::decode(b"not json"),

@@ -1,9 +1,10 @@
 //! The reply consumer: turns participants' replies into saga events.
 
-use sqlx::{PgConnection, PgPool};
+use sqlx::PgConnection;
 
 use saga_shared_events::Body;
 use saga_shared_events::consumer::{BatchWork, GroupCommit, HandlerError, Incoming};
+use saga_shared_events::db::BatchPool;
 use saga_shared_events::outbox::Outbox;
 
 use crate::saga::machine::Event;
@@ -52,7 +53,7 @@ impl GroupCommit for ReplyHandler {
     /// The transitions.
     type Committed = Vec<Applied>;
 
-    fn pool(&self) -> &PgPool {
+    fn pool(&self) -> &BatchPool {
         self.store.batch_pool()
     }
 

@@ -238,7 +238,7 @@ pub fn claim_at_once_sql(claim: &str, n: usize) -> String {
 /// The consumer handler wrapping a participant's `Decide`.
 pub struct CommandHandler<D> {
     /// The runtime's batch pool.
-    pool: sqlx::PgPool,
+    pool: saga_shared_events::db::BatchPool,
     outbox: Outbox,
     decide: D,
     chaos: ChaosHandle,
@@ -254,7 +254,7 @@ const FAST_PATH_PAUSE: u32 = 16;
 impl<D: Decide> GroupCommit for CommandHandler<D> {
     type Committed = ();
 
-    fn pool(&self) -> &sqlx::PgPool {
+    fn pool(&self) -> &saga_shared_events::db::BatchPool {
         &self.pool
     }
 

@@ -13,7 +13,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use sqlx::{PgConnection, PgPool};
+use sqlx::PgConnection;
+
+use crate::db::BatchPool;
 
 use crate::contract::{DLQ_PREFIX, Envelope, header};
 use crate::nats::{ConsumerSpec, NatsError};
@@ -104,8 +106,8 @@ pub trait GroupCommit: Send + Sync + 'static {
     /// Handed from `work` to `after_commit`.
     type Committed: Send;
 
-    /// The database.
-    fn pool(&self) -> &PgPool;
+    /// The connections batches are written on.
+    fn pool(&self) -> &BatchPool;
 
     /// The outbox the replies go through.
     fn outbox(&self) -> &Outbox;
@@ -179,13 +181,11 @@ async fn commit_together<G: GroupCommit>(
         messages = msgs.len()
     );
     let mut conn = handler.pool().acquire().instrument(span.clone()).await?;
+    // On an error the connection is dropped, and so closed: its state is unknown.
     let work = handler.work(&mut conn, msgs).instrument(span).await?;
+    conn.release();
     handler.after_commit(work.committed);
     handler.outbox().publish_committed(work.messages);
-    // sqlx pings a connection as it goes back to the pool, a round trip to Postgres, in a task
-    // that would run before the client's writer: let the writer send the messages first.
-    tokio::task::yield_now().await;
-    drop(conn);
     Ok(work.outcomes)
 }
 

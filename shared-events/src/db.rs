@@ -1,11 +1,14 @@
 //! Postgres connection: creates the service's database when missing, then applies its migrations.
 
 use std::str::FromStr;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{ConnectOptions, Connection, PgPool};
+use sqlx::{ConnectOptions, Connection, PgConnection, PgPool};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// Failures while preparing the database at start-up.
 #[derive(Debug, thiserror::Error)]
@@ -95,21 +98,193 @@ pub const PINNED_PLANS: [(&str, &str); 2] = [
     ("enable_seqscan", "off"),
 ];
 
-/// A pool beside `pool`, to the same database, for the hot path's batch statements only
-/// ([`PINNED_PLANS`]). Its few connections are opened in the background and kept, so no batch
-/// waits for a new backend to start. They are not pinged before use: the ping is a round trip to
-/// Postgres on every batch's critical path, and a connection that broke meanwhile fails its
-/// statement, whose messages are retried, and is replaced.
-pub fn batch_pool(pool: &PgPool, max_connections: u32) -> PgPool {
-    let options = (*pool.connect_options()).clone().options(PINNED_PLANS);
+/// Connections to the database of `pool` for the hot path's batch statements only
+/// ([`PINNED_PLANS`]), at most `max_connections` at once. They are opened in the background and
+/// kept, so no batch waits for a new backend, and they are not tested between batches that
+/// follow each other: sqlx's pool pings a connection as it returns, a Postgres round trip on
+/// every batch for both processes. A connection goes back only when its batch ended well
+/// ([`BatchConnection::release`]); after an error or a cancelled batch it is closed, and the next
+/// connection handed out is pinged first (Postgres may have restarted: the kept ones would all
+/// fail). So is one that sat idle for a while. Opening a connection is retried until the acquire
+/// timeout, as sqlx's pool does.
+#[derive(Clone)]
+pub struct BatchPool(Arc<BatchShared>);
+
+struct BatchShared {
+    options: PgConnectOptions,
+    /// Kept connections, with when each came back.
+    idle: Mutex<Vec<(PgConnection, Instant)>>,
+    /// A batch failed since the last successful ping: test before use.
+    suspect: AtomicBool,
+    permits: Arc<Semaphore>,
+}
+
+/// How long a batch waits for a connection before it fails (and its messages are retried).
+const BATCH_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A connection idle for longer is pinged before use; under load they come back every few
+/// milliseconds and are never pinged.
+const BATCH_IDLE_PING_AFTER: Duration = Duration::from_millis(250);
+
+/// A connection of a [`BatchPool`]. Dropping it closes it; [`BatchConnection::release`] gives it
+/// back.
+pub struct BatchConnection {
+    conn: Option<PgConnection>,
+    shared: Arc<BatchShared>,
+    _permit: OwnedSemaphorePermit,
+}
+
+/// The batch pool beside `pool`; see [`BatchPool`]. Must be called inside a Tokio runtime.
+pub fn batch_pool(pool: &PgPool, max_connections: u32) -> BatchPool {
     let max_connections = max_connections.max(1);
-    PgPoolOptions::new()
-        .max_connections(max_connections)
-        .min_connections(max_connections)
-        .idle_timeout(None)
-        .test_before_acquire(false)
-        .acquire_timeout(Duration::from_secs(5))
-        .connect_lazy_with(options)
+    let shared = Arc::new(BatchShared {
+        options: (*pool.connect_options()).clone().options(PINNED_PLANS),
+        idle: Mutex::new(Vec::with_capacity(max_connections as usize)),
+        suspect: AtomicBool::new(false),
+        permits: Arc::new(Semaphore::new(max_connections as usize)),
+    });
+    let warm = shared.clone();
+    tokio::spawn(async move {
+        for _ in 0..max_connections {
+            match PgConnection::connect_with(&warm.options).await {
+                Ok(conn) => warm.put(conn),
+                Err(e) => {
+                    tracing::debug!(error = %e, "batch connection not opened ahead; opened on use");
+                    break;
+                }
+            }
+        }
+    });
+    BatchPool(shared)
+}
+
+impl BatchShared {
+    fn put(&self, conn: PgConnection) {
+        if let Ok(mut idle) = self.idle.lock() {
+            idle.push((conn, Instant::now()));
+        }
+    }
+
+    fn take(&self) -> Option<(PgConnection, Instant)> {
+        self.idle.lock().ok()?.pop()
+    }
+
+    /// A new connection, retried until `deadline` while Postgres cannot be reached.
+    async fn connect(&self, deadline: Instant) -> Result<PgConnection, sqlx::Error> {
+        let mut backoff = Duration::from_millis(20);
+        loop {
+            let attempt = PgConnection::connect_with(&self.options);
+            let Ok(result) = tokio::time::timeout_at(deadline.into(), attempt).await else {
+                return Err(sqlx::Error::PoolTimedOut);
+            };
+            match result {
+                Ok(conn) => return Ok(conn),
+                // A wrong password or a missing database does not pass with time.
+                Err(e) if !is_connection_lost(&e) => return Err(e),
+                Err(e) if Instant::now() + backoff >= deadline => {
+                    tracing::debug!(error = %e, "batch connection not opened in time");
+                    return Err(sqlx::Error::PoolTimedOut);
+                }
+                Err(_) => {
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_millis(500));
+                }
+            }
+        }
+    }
+}
+
+impl BatchPool {
+    /// A connection: a kept one, or a new one when none is free.
+    pub async fn acquire(&self) -> Result<BatchConnection, sqlx::Error> {
+        let deadline = Instant::now() + BATCH_ACQUIRE_TIMEOUT;
+        let permit =
+            tokio::time::timeout_at(deadline.into(), self.0.permits.clone().acquire_owned())
+                .await
+                .map_err(|_| sqlx::Error::PoolTimedOut)?
+                .map_err(|_| sqlx::Error::PoolClosed)?;
+        let conn = loop {
+            let Some((mut conn, since)) = self.0.take() else {
+                break self.0.connect(deadline).await?;
+            };
+            let suspect = self.0.suspect.swap(false, Ordering::Relaxed);
+            if !suspect && since.elapsed() < BATCH_IDLE_PING_AFTER {
+                break conn;
+            }
+            match tokio::time::timeout_at(deadline.into(), conn.ping()).await {
+                Ok(Ok(())) => break conn,
+                // The others may be broken too: test the next one as well.
+                Ok(Err(_)) => self.0.suspect.store(true, Ordering::Relaxed),
+                Err(_) => {
+                    self.0.suspect.store(true, Ordering::Relaxed);
+                    return Err(sqlx::Error::PoolTimedOut);
+                }
+            }
+        };
+        Ok(BatchConnection {
+            conn: Some(conn),
+            shared: self.0.clone(),
+            _permit: permit,
+        })
+    }
+}
+
+impl BatchConnection {
+    /// Gives the connection back for the next batch, untested: its batch ended well.
+    pub fn release(mut self) {
+        if let Some(conn) = self.conn.take() {
+            self.shared.put(conn);
+        }
+    }
+}
+
+impl std::ops::Deref for BatchConnection {
+    type Target = PgConnection;
+
+    fn deref(&self) -> &PgConnection {
+        match &self.conn {
+            Some(conn) => conn,
+            None => unreachable!("a batch connection is only taken out when it is consumed"),
+        }
+    }
+}
+
+impl std::ops::DerefMut for BatchConnection {
+    fn deref_mut(&mut self) -> &mut PgConnection {
+        match &mut self.conn {
+            Some(conn) => conn,
+            None => unreachable!("a batch connection is only taken out when it is consumed"),
+        }
+    }
+}
+
+impl Drop for BatchConnection {
+    fn drop(&mut self) {
+        // Not released: its batch failed or was cancelled, so its state is unknown. Close it
+        // politely when a runtime is there to do so; otherwise the socket just closes.
+        let Some(conn) = self.conn.take() else {
+            return;
+        };
+        self.shared.suspect.store(true, Ordering::Relaxed);
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                let _ = conn.close().await;
+            });
+        }
+    }
+}
+
+/// Whether `e` says the session failed rather than the statement: the connection broke, or
+/// Postgres ended or refused the session (SQLSTATE classes 08 and 57P: shutdown, restart,
+/// `pg_terminate_backend`, still starting up).
+pub fn is_connection_lost(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_) | sqlx::Error::Protocol(_) | sqlx::Error::Tls(_) => true,
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|c| c.starts_with("08") || c.starts_with("57P")),
+        _ => false,
+    }
 }
 
 /// Whether `e` is `one_statement_check` refusing a batch written in one statement (SQLSTATE

@@ -46,7 +46,7 @@ pub struct Runtime {
     pub pool: PgPool,
     /// The same database for the batch statements of consumers (and the orchestrator's intake):
     /// one connection per batch in flight, plus one ([`crate::db::batch_pool`]).
-    pub batch_pool: PgPool,
+    pub batch_pool: crate::db::BatchPool,
     /// The NATS client.
     pub nats: async_nats::Client,
     /// JetStream on that client.

@@ -137,6 +137,75 @@ async fn restarting_postgres_mid_run_loses_nothing() {
         let (s, _) = stack.get(svc, "/readyz").await;
         assert_eq!(s, 200, "{svc} ready again");
     }
+    // New orders are accepted at the first attempt (none fails on a connection the restart
+    // closed) and finish.
+    let mut more = Vec::new();
+    for i in 0..20 {
+        let body = order_body(&format!("after-{i}"), &[(products[i % 5].as_str(), 1, 100)]);
+        let r = stack
+            .http
+            .post(stack.url("orchestrator", "/orders"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 202, "order {i} after the restart");
+        let v: serde_json::Value = r.json().await.unwrap();
+        more.push(v["id"].as_str().unwrap().to_owned());
+    }
+    stack.wait_all_terminal(&more, FINISH).await;
+}
+
+/// Batch connections go back to their pool untested while they are busy; one that Postgres
+/// closed in the meantime fails its statement, and the order is written again on a tested one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_is_accepted_when_postgres_closed_the_batch_connections() {
+    let stack = Stack::start().await;
+    let products = stocked(&stack, 1, 1000).await;
+    let post = |i: usize| {
+        let body = order_body(&format!("closed-{i}"), &[(products[0].as_str(), 1, 100)]);
+        stack
+            .http
+            .post(stack.url("orchestrator", "/orders"))
+            .json(&body)
+            .send()
+    };
+    let mut admin = stack.db("orchestrator").await;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let r = post(i).await.unwrap();
+        assert_eq!(r.status().as_u16(), 202);
+        ids.push(
+            r.json::<serde_json::Value>().await.unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
+        // Right after its use: within the time a kept connection goes back untested.
+        let closed: i64 = sqlx::query_scalar(
+            "select count(*) from (select pg_terminate_backend(pid) from pg_stat_activity \
+             where datname = current_database() and pid <> pg_backend_pid() \
+             and application_name = 'orchestrator') t",
+        )
+        .fetch_one(&mut admin)
+        .await
+        .unwrap();
+        assert!(closed > 0);
+        let r = post(100 + i).await.unwrap();
+        assert_eq!(
+            r.status().as_u16(),
+            202,
+            "order after closing the connections"
+        );
+        ids.push(
+            r.json::<serde_json::Value>().await.unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    let outcomes = stack.wait_all_terminal(&ids, FINISH).await;
+    assert_eq!(outcomes.values().sum::<usize>(), ids.len(), "{outcomes:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

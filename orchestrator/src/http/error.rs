@@ -39,9 +39,10 @@ impl IntoResponse for ApiError {
                 .into_response()
             }
             // The database is down or saturated: a retry will do.
-            ApiError::Store(StoreError::Db(
-                e @ (sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_)),
-            )) => {
+            ApiError::Store(StoreError::Db(e))
+                if matches!(e, sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed)
+                    || saga_shared_events::db::is_connection_lost(&e) =>
+            {
                 tracing::warn!(error = %e, "database unavailable");
                 Problem::unavailable("database temporarily unavailable", 1).into_response()
             }

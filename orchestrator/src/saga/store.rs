@@ -14,6 +14,7 @@ use sqlx::{PgConnection, PgPool};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
+use saga_shared_events::db::BatchPool;
 use saga_shared_events::outbox::{Outbox, OutboxRow, OutgoingMessage};
 use saga_shared_events::{
     Body, CancelReason, ChargePayment, Envelope, Line, OrderEvent, OrderRef, ReserveInventory,
@@ -406,7 +407,7 @@ fn step_name(status: &str) -> &'static str {
 pub struct SagaStore {
     pool: PgPool,
     /// Where batches of new orders and replies are written ([`saga_shared_events::db::batch_pool`]).
-    batch_pool: PgPool,
+    batch_pool: BatchPool,
     outbox: Outbox,
     policy: Policy,
     timing: Timing,
@@ -425,7 +426,7 @@ impl SagaStore {
     /// A store over `pool`, writing batches through `batch_pool`.
     pub fn new(
         pool: PgPool,
-        batch_pool: PgPool,
+        batch_pool: BatchPool,
         outbox: Outbox,
         policy: Policy,
         timing: Timing,
@@ -449,7 +450,7 @@ impl SagaStore {
     }
 
     /// The pool of the batch statements.
-    pub fn batch_pool(&self) -> &PgPool {
+    pub fn batch_pool(&self) -> &BatchPool {
         &self.batch_pool
     }
 
@@ -530,17 +531,7 @@ impl SagaStore {
         let (state, effects) =
             machine::apply(State::Created { attempt: 0 }, &Event::Start, self.policy);
         let total = order.total_cents();
-        let mut messages = vec![OutgoingMessage::new(&Envelope::new(
-            order_id,
-            None,
-            Body::OrderCreated(OrderEvent {
-                order_id,
-                status: state.status().into(),
-                cancel_reason: None,
-                cancel_detail: None,
-                total_cents: total,
-            }),
-        ))];
+        let mut messages = Vec::with_capacity(effects.len() + 1);
         let mut deadline = self.timing.deadline_after(0, false);
         for effect in &effects {
             match effect {
@@ -556,6 +547,19 @@ impl SagaStore {
                 _ => {}
             }
         }
+        // The event goes after the command: the broker handles a connection's messages in
+        // order, and the command is the one the saga waits for.
+        messages.push(OutgoingMessage::new(&Envelope::new(
+            order_id,
+            None,
+            Body::OrderCreated(OrderEvent {
+                order_id,
+                status: state.status().into(),
+                cancel_reason: None,
+                cancel_detail: None,
+                total_cents: total,
+            }),
+        )));
         NewSaga {
             order_id,
             order,
@@ -570,7 +574,16 @@ impl SagaStore {
 
     /// Writes new sagas in one transaction; if that fails, each on its own. One result each.
     async fn create_many(&self, sagas: Vec<NewSaga>) -> Vec<Result<Created, StoreError>> {
-        match self.insert_many(&sagas).await {
+        let written = match self.insert_many(&sagas).await {
+            // A kept connection that Postgres closed (it restarted): once more, on a connection
+            // the pool tests first.
+            Err(StoreError::Db(e)) if saga_shared_events::db::is_connection_lost(&e) => {
+                tracing::debug!(error = %e, "batch connection lost; writing the orders again");
+                self.insert_many(&sagas).await
+            }
+            other => other,
+        };
+        match written {
             Ok(written) => self.finish_created(sagas, written).await,
             Err(e) if sagas.len() == 1 => vec![Err(e)],
             Err(e) => {
@@ -614,12 +627,12 @@ impl SagaStore {
         // writes the whole batch with its outbox row or fails, and needs no transaction (two
         // round trips less). A key taken meanwhile is only possible with keys.
         let keyless = sagas.iter().all(|s| s.key.is_none());
-        let mut pooled: Option<sqlx::pool::PoolConnection<sqlx::Postgres>> = None;
+        let mut pooled = self.batch_pool.acquire().await?;
         let mut tx: Option<sqlx::Transaction<'_, sqlx::Postgres>> = None;
         let conn: &mut PgConnection = if keyless {
-            pooled.insert(self.batch_pool.acquire().await?)
+            &mut pooled
         } else {
-            tx.insert(self.batch_pool.begin().await?)
+            tx.insert(sqlx::Connection::begin(&mut *pooled).await?)
         };
         let query = sqlx::query_as(sqlx::AssertSqlSafe(INSERT_SQL.as_str()))
             .bind(&ids)
@@ -655,9 +668,11 @@ impl SagaStore {
             self.outbox.enqueue(&mut *conn, &messages).await?;
             messages
         };
-        if let Some(tx) = tx {
+        if let Some(tx) = tx.take() {
             tx.commit().await?;
         }
+        drop(tx);
+        pooled.release();
         // Cached before the commands leave: a reply applied (and cached) first would otherwise
         // be overwritten here by this older state.
         self.cache.put(

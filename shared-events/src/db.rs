@@ -117,6 +117,8 @@ struct BatchShared {
     /// A batch failed since the last successful ping: test before use.
     suspect: AtomicBool,
     permits: Arc<Semaphore>,
+    /// Connections kept at most (the warm-up may race batches that open their own).
+    max: usize,
 }
 
 /// How long a batch waits for a connection before it fails (and its messages are retried).
@@ -142,6 +144,7 @@ pub fn batch_pool(pool: &PgPool, max_connections: u32) -> BatchPool {
         idle: Mutex::new(Vec::with_capacity(max_connections as usize)),
         suspect: AtomicBool::new(false),
         permits: Arc::new(Semaphore::new(max_connections as usize)),
+        max: max_connections as usize,
     });
     let warm = shared.clone();
     tokio::spawn(async move {
@@ -160,7 +163,9 @@ pub fn batch_pool(pool: &PgPool, max_connections: u32) -> BatchPool {
 
 impl BatchShared {
     fn put(&self, conn: PgConnection) {
-        if let Ok(mut idle) = self.idle.lock() {
+        if let Ok(mut idle) = self.idle.lock()
+            && idle.len() < self.max
+        {
             idle.push((conn, Instant::now()));
         }
     }

@@ -47,6 +47,26 @@ async fn wait_progress(stack: &Stack, status_at_least: &[&str], count: i64) {
     }
 }
 
+/// `n` new orders, each of which must be accepted at the first attempt (no idempotency key, so
+/// none can be a replay of an earlier order); their ids.
+async fn new_orders(stack: &Stack, n: usize, products: &[String]) -> Vec<String> {
+    let mut ids = Vec::with_capacity(n);
+    for i in 0..n {
+        let product = products[i % products.len()].as_str();
+        let r = stack
+            .http
+            .post(stack.url("orchestrator", "/orders"))
+            .json(&order_body(&format!("new-{i}"), &[(product, 1, 100)]))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 202, "new order {i}");
+        let v: serde_json::Value = r.json().await.unwrap();
+        ids.push(v["id"].as_str().unwrap().to_owned());
+    }
+    ids
+}
+
 fn slow_participants() -> StackOptions {
     StackOptions::default()
         .with("inventory", "CHAOS_LATENCY_MS", "10")
@@ -114,7 +134,7 @@ async fn restarting_nats_mid_run_loses_nothing() {
     assert!(!outcomes.contains_key("failed"), "{outcomes:?}");
     stack.assert_audit_clean(&ids, &products, 1000).await;
     // Orders keep working after the restart.
-    let more = stack.create_orders(10, &products, 5).await;
+    let more = new_orders(&stack, 10, &products).await;
     stack.wait_all_terminal(&more, FINISH).await;
 }
 
@@ -139,20 +159,7 @@ async fn restarting_postgres_mid_run_loses_nothing() {
     }
     // New orders are accepted at the first attempt (none fails on a connection the restart
     // closed) and finish.
-    let mut more = Vec::new();
-    for i in 0..20 {
-        let body = order_body(&format!("after-{i}"), &[(products[i % 5].as_str(), 1, 100)]);
-        let r = stack
-            .http
-            .post(stack.url("orchestrator", "/orders"))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status().as_u16(), 202, "order {i} after the restart");
-        let v: serde_json::Value = r.json().await.unwrap();
-        more.push(v["id"].as_str().unwrap().to_owned());
-    }
+    let more = new_orders(&stack, 20, &products).await;
     stack.wait_all_terminal(&more, FINISH).await;
 }
 

@@ -1,15 +1,16 @@
 //! The floor under a saga's latency at 1 in flight: the same chain of durable steps as an order
 //! saga (seven Postgres commits, six JetStream hops between four processes, pull consumers,
-//! explicit acks), with nothing else: no HTTP, no saga logic, no tracing, no pools. What a saga
-//! takes beyond it is the services' own cost per message.
+//! explicit acks, the services' batch connections), with nothing else: no HTTP, no saga logic,
+//! no tracing. What a saga takes beyond it is the services' own cost per message.
 //!
 //! ```sh
 //! cargo run --release -p saga-shared-events --example hop_floor -- 2000
 //! ```
 //!
 //! Environment: `DATABASE_URL` (default: the local Unix socket, database `saga_floor`, created if
-//! missing; the run recreates its schema `hop_floor` and touches nothing else) and `NATS_URL`
-//! (default `nats://127.0.0.1:4222`; the run recreates the stream `FLOOR`). Two switches bring the
+//! missing, given the services' messaging schema, and emptied on each run; a service's database
+//! is refused, as its migrations differ) and `NATS_URL` (default `nats://127.0.0.1:4222`; the run
+//! recreates the stream `FLOOR`). Two switches bring the
 //! chain closer to the services, one part at a time: `FLOOR_STATEMENT=saga` commits each step the
 //! way a participant does (decision, inbox entry and outbox row in one statement, on the
 //! services' messaging schema) instead of inserting one row, and `FLOOR_MESSAGES=saga` sends
@@ -19,18 +20,12 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer, stream};
 use futures_util::StreamExt;
-use sqlx::{Connection, PgConnection};
+use saga_shared_events::db::BatchPool;
 
 const PARTICIPANTS: [&str; 3] = ["inventory", "payment", "shipping"];
 const STEP: &str = "insert into floor_step (saga, step) values ($1, $2)";
-const MESSAGING: [&str; 6] = [
-    include_str!("../../migrations/messaging/0001_messaging.sql"),
-    include_str!("../../migrations/messaging/0003_outbox_fast_path.sql"),
-    include_str!("../../migrations/messaging/0004_inbox_age_brin.sql"),
-    include_str!("../../migrations/messaging/0005_outbox_rows_per_transaction.sql"),
-    include_str!("../../migrations/messaging/0007_outbox_lz4.sql"),
-    include_str!("../../migrations/messaging/0009_one_statement_writes.sql"),
-];
+/// The messaging schema every service shares (outbox, inbox, `one_statement_check`).
+static MESSAGING: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/messaging");
 
 fn saga_like(var: &str) -> bool {
     std::env::var(var).is_ok_and(|v| v == "saga")
@@ -72,36 +67,13 @@ async fn main() -> Result<(), Error> {
     }
 }
 
-/// A connection working in the schema `hop_floor`, with the services' planner settings for their
-/// batch statements (`shared-events::db::PINNED_PLANS`).
-async fn connect_db(url: &str) -> Result<PgConnection, Error> {
-    let mut db = connect_or_create(url).await?;
-    let mut settings = String::from("set search_path to hop_floor;");
-    for (name, value) in saga_shared_events::db::PINNED_PLANS {
-        settings.push_str(&format!("set {name} to {value};"));
-    }
-    sqlx::raw_sql(sqlx::AssertSqlSafe(settings))
-        .execute(&mut db)
-        .await?;
-    Ok(db)
-}
-
-async fn connect_or_create(url: &str) -> Result<PgConnection, Error> {
-    match PgConnection::connect(url).await {
-        Ok(c) => Ok(c),
-        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("3D000") => {
-            let (base, name) = url
-                .rsplit_once('/')
-                .ok_or("DATABASE_URL names no database")?;
-            let mut admin = PgConnection::connect(&format!("{base}/postgres")).await?;
-            let sql = format!("create database \"{name}\"");
-            sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
-                .execute(&mut admin)
-                .await?;
-            Ok(PgConnection::connect(url).await?)
-        }
-        Err(e) => Err(e.into()),
-    }
+/// Batch connections as the services have them (`shared-events::db::batch_pool`), on a database
+/// with the messaging schema.
+async fn connect_db(url: &str, name: &str) -> Result<BatchPool, Error> {
+    let options = saga_shared_events::db::options(url, name)?;
+    let pool =
+        saga_shared_events::db::connect(options, &MESSAGING, 1, Duration::from_secs(10)).await?;
+    Ok(saga_shared_events::db::batch_pool(&pool, 1))
 }
 
 async fn pull(js: &jetstream::Context, durable: &str) -> Result<consumer::pull::Stream, Error> {
@@ -119,7 +91,7 @@ async fn pull(js: &jetstream::Context, durable: &str) -> Result<consumer::pull::
 /// One step: commit a row, then publish the next message and acknowledge the one that caused it
 /// (the services' order), leaving the publish acknowledgement to a task of its own.
 async fn step(
-    db: &mut PgConnection,
+    db: &BatchPool,
     js: &jetstream::Context,
     saga: uuid::Uuid,
     n: i32,
@@ -132,6 +104,7 @@ async fn step(
         // A command or reply envelope is about 650 bytes of JSON.
         payload.resize(650, b' ');
     }
+    let mut conn = db.acquire().await?;
     if saga_like("FLOOR_STATEMENT") {
         let message_id = uuid::Uuid::now_v7();
         let subjects = vec![next.clone().unwrap_or_default()];
@@ -146,15 +119,16 @@ async fn step(
             .bind(headers)
             .bind(payloads)
             .bind(2.0_f64)
-            .fetch_one(&mut *db)
+            .fetch_one(&mut *conn)
             .await?;
     } else {
         sqlx::query(STEP)
             .bind(saga)
             .bind(n)
-            .execute(&mut *db)
+            .execute(&mut *conn)
             .await?;
     }
+    conn.release();
     if let Some(subject) = next {
         let ack = if realistic {
             let mut headers = async_nats::HeaderMap::new();
@@ -174,30 +148,30 @@ async fn step(
 }
 
 async fn participant(database: &str, nats: &str, name: &str) -> Result<(), Error> {
-    let mut db = connect_db(database).await?;
+    let db = connect_db(database, name).await?;
     let js = jetstream::new(async_nats::connect(nats).await?);
     let mut messages = pull(&js, name).await?;
     while let Some(msg) = messages.next().await {
         let msg = msg?;
         let saga = uuid::Uuid::from_slice(msg.payload.get(..16).ok_or("short payload")?)?;
         let n = i32::from(*msg.payload.get(16).ok_or("short payload")?) + 1;
-        step(&mut db, &js, saga, n, Some(format!("floor.reply.{name}"))).await?;
+        step(&db, &js, saga, n, Some(format!("floor.reply.{name}"))).await?;
         msg.ack().await?;
     }
     Ok(())
 }
 
 async fn drive(database: &str, nats: &str, sagas: usize) -> Result<(), Error> {
-    let mut db = connect_db(database).await?;
+    let db = connect_db(database, "driver").await?;
+    let mut conn = db.acquire().await?;
     sqlx::raw_sql(
-        "drop schema if exists hop_floor cascade; create schema hop_floor; \
-         create table floor_step (saga uuid, step int, primary key (saga, step))",
+        "drop table if exists floor_step; \
+         create table floor_step (saga uuid, step int, primary key (saga, step)); \
+         truncate outbox, processed_message",
     )
-    .execute(&mut db)
+    .execute(&mut *conn)
     .await?;
-    for migration in MESSAGING {
-        sqlx::raw_sql(migration).execute(&mut db).await?;
-    }
+    conn.release();
     let js = jetstream::new(async_nats::connect(nats).await?);
     let _ = js.delete_stream("FLOOR").await;
     let stream = js
@@ -243,7 +217,7 @@ async fn drive(database: &str, nats: &str, sagas: usize) -> Result<(), Error> {
         let mut n = 0;
         for p in PARTICIPANTS.iter().map(Some).chain([None]) {
             let commit = Instant::now();
-            step(&mut db, &js, saga, n, p.map(|p| format!("floor.cmd.{p}"))).await?;
+            step(&db, &js, saga, n, p.map(|p| format!("floor.cmd.{p}"))).await?;
             if i >= warm_up {
                 commits.push(commit.elapsed());
             }

@@ -15,9 +15,8 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use sqlx::PgConnection;
 
-use crate::db::BatchPool;
-
 use crate::contract::{DLQ_PREFIX, Envelope, header};
+use crate::db::BatchPool;
 use crate::nats::{ConsumerSpec, NatsError};
 use crate::outbox::{Outbox, OutgoingMessage};
 use crate::propagation;

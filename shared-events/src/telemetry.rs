@@ -139,8 +139,17 @@ pub fn init(default_service: &str, format: LogFormat) -> Result<TelemetryGuard, 
     let otel_filter = EnvFilter::new(
         "info,h2=off,hyper=off,hyper_util=off,tonic=off,tower=off,reqwest=off,opentelemetry=off,opentelemetry_sdk=off",
     );
+    // The layer's defaults cost every message: code location and thread attributes on each span
+    // (the thread name allocated each time), busy/idle timings read on every poll of an
+    // instrumented future, and the span's context attached to the thread on every poll, which
+    // starts the OpenTelemetry span early. Nothing here reads `Context::current()`: propagation
+    // takes a span's context explicitly.
     let otel_layer = tracing_opentelemetry::layer()
         .with_tracer(provider.tracer(service))
+        .with_location(false)
+        .with_threads(false)
+        .with_tracked_inactivity(false)
+        .with_context_activation(false)
         .with_filter(otel_filter);
     let fmt_layer = match format {
         LogFormat::Json => tracing_subscriber::fmt::layer()

@@ -138,9 +138,15 @@ pub struct BatchConnection {
 
 /// The batch pool beside `pool`; see [`BatchPool`]. Must be called inside a Tokio runtime.
 pub fn batch_pool(pool: &PgPool, max_connections: u32) -> BatchPool {
+    batch_pool_with((*pool.connect_options()).clone(), max_connections)
+}
+
+/// A [`BatchPool`] whose connections use `options` (plus [`PINNED_PLANS`]). Must be called
+/// inside a Tokio runtime.
+pub fn batch_pool_with(options: PgConnectOptions, max_connections: u32) -> BatchPool {
     let max_connections = max_connections.max(1);
     let shared = Arc::new(BatchShared {
-        options: (*pool.connect_options()).clone().options(PINNED_PLANS),
+        options: options.options(PINNED_PLANS),
         idle: Mutex::new(Vec::with_capacity(max_connections as usize)),
         suspect: AtomicBool::new(false),
         permits: Arc::new(Semaphore::new(max_connections as usize)),
@@ -297,6 +303,12 @@ pub fn is_connection_lost(e: &sqlx::Error) -> bool {
 /// See `migrations/messaging/0009_one_statement_writes.sql`.
 pub fn is_write_conflict(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some("40001"))
+}
+
+/// Whether `e` is a unique violation (SQLSTATE 23505) on the constraint or index `name`.
+pub fn is_unique_violation(e: &sqlx::Error, name: &str) -> bool {
+    matches!(e, sqlx::Error::Database(db)
+        if db.code().as_deref() == Some("23505") && db.constraint() == Some(name))
 }
 
 fn is_missing_database(e: &sqlx::Error) -> bool {

@@ -204,17 +204,13 @@ const DELETE_WINDOW: Duration = Duration::from_millis(100);
 /// flush. Only this clean-up is asynchronous: a delete lost in a crash makes its row reappear,
 /// and the relay publishes it again as a duplicate that `Nats-Msg-Id` and the inbox absorb.
 /// Every state change and every outbox insert still commits synchronously. Its one statement,
-/// a delete by key, is planned once ([`crate::db::PINNED_PLANS`]).
-fn cleanup_pool(pool: &PgPool) -> PgPool {
+/// a delete by key, is planned once ([`crate::db::PINNED_PLANS`]); the connection goes back
+/// without sqlx's ping, a round trip per delete.
+fn cleanup_pool(pool: &PgPool) -> crate::db::BatchPool {
     let options = (*pool.connect_options())
         .clone()
-        .options([("synchronous_commit", "off")])
-        .options(crate::db::PINNED_PLANS);
-    sqlx::postgres::PgPoolOptions::new()
-        .max_connections(1)
-        .test_before_acquire(false)
-        .acquire_timeout(Duration::from_secs(5))
-        .connect_lazy_with(options)
+        .options([("synchronous_commit", "off")]);
+    crate::db::batch_pool_with(options, 1)
 }
 
 /// Deletes acknowledged rows in batches: one statement for everything acknowledged within a
@@ -260,10 +256,19 @@ async fn delete_acked(
                 messages += n;
             }
         }
-        let result = sqlx::query("delete from outbox where outbox_id = any($1)")
-            .bind(&batch)
-            .execute(&pool)
-            .await;
+        let result = match pool.acquire().await {
+            Ok(mut conn) => {
+                let deleted = sqlx::query("delete from outbox where outbox_id = any($1)")
+                    .bind(&batch)
+                    .execute(&mut *conn)
+                    .await;
+                if deleted.is_ok() {
+                    conn.release();
+                }
+                deleted
+            }
+            Err(e) => Err(e),
+        };
         match result {
             Ok(_) => {
                 metrics::counter!("outbox_published_total").increment(messages);

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use saga_e2e_tests::pgcut::CommitCutter;
 use saga_e2e_tests::{Stack, StackOptions, binary, order_body, product};
 
 const FINISH: Duration = Duration::from_secs(180);
@@ -213,6 +214,49 @@ async fn an_order_is_accepted_when_postgres_closed_the_batch_connections() {
     }
     let outcomes = stack.wait_all_terminal(&ids, FINISH).await;
     assert_eq!(outcomes.values().sum::<usize>(), ids.len(), "{outcomes:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_whose_commit_lost_its_answer_is_accepted_once() {
+    let mut stack = Stack::start().await;
+    let products = stocked(&stack, 1, 100).await;
+    // The orchestrator reaches Postgres through a proxy that can let the order's insert commit
+    // and then close the connection before the answer arrives.
+    let cutter = CommitCutter::start(stack.admin_url(), "insert into saga_order").await;
+    let url = cutter.url(&stack.db_url("orchestrator"));
+    stack.set_env("orchestrator", "DATABASE_URL", &url);
+    stack.restart("orchestrator").await;
+    let customer = format!("cut-{}", uuid::Uuid::new_v4().simple());
+    let body = order_body(&customer, &[(products[0].as_str(), 1, 100)]);
+    cutter.arm();
+    let r = stack
+        .http
+        .post(stack.url("orchestrator", "/orders"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cutter.cuts(), 1, "the insert's answer was cut");
+    let status = r.status().as_u16();
+    let answer: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(status, 202, "{answer}");
+    let id = answer["id"].as_str().unwrap().to_owned();
+    let outcomes = stack
+        .wait_all_terminal(std::slice::from_ref(&id), FINISH)
+        .await;
+    assert_eq!(outcomes.values().sum::<usize>(), 1, "{outcomes:?}");
+    let mut db = stack.db("orchestrator").await;
+    let orders: Vec<uuid::Uuid> =
+        sqlx::query_scalar("select order_id from saga_order where customer_id = $1")
+            .bind(&customer)
+            .fetch_all(&mut db)
+            .await
+            .unwrap();
+    assert_eq!(
+        orders,
+        [id.parse::<uuid::Uuid>().unwrap()],
+        "one order, the answered one"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,6 +8,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod otlp;
+pub mod pgcut;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -465,6 +466,13 @@ impl Stack {
         svc.child = Some(child);
     }
 
+    /// Sets an environment variable of a service, taking effect at its next start.
+    pub fn set_env(&mut self, name: &str, key: &str, value: &str) {
+        let env = &mut self.services.get_mut(name).unwrap().env;
+        env.retain(|(k, _)| k != key);
+        env.push((key.into(), value.into()));
+    }
+
     /// Gives a service a new HTTP port (taking effect at its next start).
     fn move_to_free_port(&mut self, name: &str) {
         let svc = self.services.get_mut(name).unwrap();
@@ -735,6 +743,11 @@ impl Stack {
             .fetch_one(&mut conn)
             .await
             .unwrap()
+    }
+
+    /// The URL of the server's administrative database.
+    pub fn admin_url(&self) -> &str {
+        &self.admin_url
     }
 
     /// The URL of one service's database.

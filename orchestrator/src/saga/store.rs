@@ -579,7 +579,15 @@ impl SagaStore {
             // the pool tests first.
             Err(StoreError::Db(e)) if saga_shared_events::db::is_connection_lost(&e) => {
                 tracing::debug!(error = %e, "batch connection lost; writing the orders again");
-                self.insert_many(&sagas).await
+                match self.insert_many(&sagas).await {
+                    // The session broke after the commit: the orders are there already.
+                    Err(StoreError::Db(e))
+                        if saga_shared_events::db::is_unique_violation(&e, "saga_order_pkey") =>
+                    {
+                        self.written_before(&sagas).await
+                    }
+                    other => other,
+                }
             }
             other => other,
         };
@@ -682,6 +690,32 @@ impl SagaStore {
                 .map(|s| (s.order_id, Some(Entry::aged(s.loaded(), 0.0, 0.0)))),
         );
         self.outbox.publish_committed(messages);
+        Ok(written)
+    }
+
+    /// The orders of a batch whose session broke after its commit, as the retry found them: all
+    /// were written then, in one statement with their outbox row, whose messages leave now
+    /// instead of after the relay's grace period (`Nats-Msg-Id` absorbs a copy the relay sent).
+    async fn written_before(
+        &self,
+        sagas: &[NewSaga],
+    ) -> Result<HashMap<Uuid, DateTime<Utc>>, StoreError> {
+        let ids: Vec<Uuid> = sagas.iter().map(|s| s.order_id).collect();
+        let mut conn = self.batch_pool.acquire().await?;
+        let found: Vec<(Uuid, DateTime<Utc>)> =
+            sqlx::query_as("select order_id, created_at from saga_order where order_id = any($1)")
+                .bind(&ids)
+                .fetch_all(&mut *conn)
+                .await?;
+        conn.release();
+        if found.len() != sagas.len() {
+            return Err(StoreError::Conflict("orders partly written".into()));
+        }
+        // Not cached: the relay may have sent their commands while the retry waited, and
+        // their replies may have moved the sagas on.
+        let written: HashMap<Uuid, DateTime<Utc>> = found.into_iter().collect();
+        self.outbox
+            .publish_committed(sagas.iter().flat_map(|s| s.messages.clone()).collect());
         Ok(written)
     }
 

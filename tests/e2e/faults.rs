@@ -226,37 +226,44 @@ async fn an_order_whose_commit_lost_its_answer_is_accepted_once() {
     let url = cutter.url(&stack.db_url("orchestrator"));
     stack.set_env("orchestrator", "DATABASE_URL", &url);
     stack.restart("orchestrator").await;
-    let customer = format!("cut-{}", uuid::Uuid::new_v4().simple());
-    let body = order_body(&customer, &[(products[0].as_str(), 1, 100)]);
-    cutter.arm();
-    let r = stack
-        .http
-        .post(stack.url("orchestrator", "/orders"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(cutter.cuts(), 1, "the insert's answer was cut");
-    let status = r.status().as_u16();
-    let answer: serde_json::Value = r.json().await.unwrap();
-    assert_eq!(status, 202, "{answer}");
-    let id = answer["id"].as_str().unwrap().to_owned();
-    let outcomes = stack
-        .wait_all_terminal(std::slice::from_ref(&id), FINISH)
-        .await;
-    assert_eq!(outcomes.values().sum::<usize>(), 1, "{outcomes:?}");
-    let mut db = stack.db("orchestrator").await;
-    let orders: Vec<uuid::Uuid> =
-        sqlx::query_scalar("select order_id from saga_order where customer_id = $1")
-            .bind(&customer)
-            .fetch_all(&mut db)
-            .await
-            .unwrap();
-    assert_eq!(
-        orders,
-        [id.parse::<uuid::Uuid>().unwrap()],
-        "one order, the answered one"
-    );
+    // Without and with an idempotency key (a keyed batch runs in a transaction).
+    for (round, key) in [None, Some(uuid::Uuid::new_v4().to_string())]
+        .into_iter()
+        .enumerate()
+    {
+        let customer = format!("cut-{}", uuid::Uuid::new_v4().simple());
+        let body = order_body(&customer, &[(products[0].as_str(), 1, 100)]);
+        cutter.arm();
+        let mut request = stack
+            .http
+            .post(stack.url("orchestrator", "/orders"))
+            .json(&body);
+        if let Some(key) = &key {
+            request = request.header("Idempotency-Key", key);
+        }
+        let r = request.send().await.unwrap();
+        assert_eq!(cutter.cuts(), round + 1, "the insert's answer was cut");
+        let status = r.status().as_u16();
+        let answer: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(status, 202, "key {key:?}: {answer}");
+        let id = answer["id"].as_str().unwrap().to_owned();
+        let outcomes = stack
+            .wait_all_terminal(std::slice::from_ref(&id), FINISH)
+            .await;
+        assert_eq!(outcomes.values().sum::<usize>(), 1, "{outcomes:?}");
+        let mut db = stack.db("orchestrator").await;
+        let orders: Vec<uuid::Uuid> =
+            sqlx::query_scalar("select order_id from saga_order where customer_id = $1")
+                .bind(&customer)
+                .fetch_all(&mut db)
+                .await
+                .unwrap();
+        assert_eq!(
+            orders,
+            [id.parse::<uuid::Uuid>().unwrap()],
+            "one order, the answered one"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

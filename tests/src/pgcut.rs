@@ -4,8 +4,9 @@
 //!
 //! It reads the wire protocol (v3, without TLS: the URL it hands out says `sslmode=disable`)
 //! only to find the statement: a `Parse` whose text contains the marker names a prepared
-//! statement, a `Bind` of that statement marks the connection, and the server's messages from
-//! then on are held back until its `ReadyForQuery`, which Postgres sends after the commit.
+//! statement, a `Bind` of that statement marks the connection, and the connection is closed
+//! instead of passing on the first `ReadyForQuery` outside a transaction that follows, which
+//! Postgres sends after the commit (the statement's own, or the transaction's `COMMIT`).
 
 use std::str::FromStr;
 use std::sync::Arc;
@@ -145,6 +146,10 @@ async fn relay<S: AsyncRead + AsyncWrite + Send + 'static>(
         }
     });
     let mut buf = Vec::new();
+    // While armed, the messages since the last ReadyForQuery: forwarded at one inside a
+    // transaction (the client must see its statement's answer to send COMMIT), dropped with the
+    // connection at the first one outside (status `I`: committed).
+    let mut pending = Vec::new();
     let mut chunk = [0u8; 16 * 1024];
     'read: loop {
         let n = match server_rx.read(&mut chunk).await {
@@ -159,16 +164,22 @@ async fn relay<S: AsyncRead + AsyncWrite + Send + 'static>(
             }
             let msg: Vec<u8> = buf.drain(..1 + len).collect();
             let ready = msg[0] == b'Z';
+            let idle = ready && msg.get(5) == Some(&b'I');
             if marked.load(Ordering::SeqCst) && armed.load(Ordering::SeqCst) {
-                // Held back, never sent.
-                if ready && armed.swap(false, Ordering::SeqCst) {
-                    // Committed; the client never hears it.
+                pending.extend_from_slice(&msg);
+                if idle && armed.swap(false, Ordering::SeqCst) {
                     cuts.fetch_add(1, Ordering::SeqCst);
                     break 'read;
                 }
+                if ready {
+                    if client_tx.write_all(&pending).await.is_err() {
+                        break 'read;
+                    }
+                    pending.clear();
+                }
                 continue;
             }
-            if ready {
+            if idle {
                 marked.store(false, Ordering::SeqCst);
             }
             if client_tx.write_all(&msg).await.is_err() {

@@ -731,6 +731,11 @@ impl SagaStore {
             let Some(&created_at) = written.get(&s.order_id) else {
                 let key = s.key.as_deref().unwrap_or_default();
                 results.push(match self.find_by_key(key, &s.fingerprint).await {
+                    // This very order, committed by an attempt whose answer was lost.
+                    Ok(Some(v)) if v.id == s.order_id => {
+                        metrics::counter!("sagas_started_total").increment(1);
+                        Ok(Created::New(v))
+                    }
                     Ok(Some(v)) => Ok(Created::Replayed(v)),
                     Ok(None) => Err(StoreError::Conflict("idempotency key race".into())),
                     Err(e) => Err(e),

@@ -144,10 +144,13 @@ pub async fn run(
         shipping["success_rate"] = json!(rate);
         put_chaos(&http, &ep.shipping, &shipping).await?;
     }
-    let outcome = drive(
-        ep, nats_auth, args, &http, bodies, seed, &products, initial, dbs,
-    )
-    .await;
+    let workload = Workload {
+        bodies,
+        seed,
+        products,
+        initial,
+    };
+    let outcome = drive(ep, nats_auth, args, &http, workload, dbs).await;
     // Restore the previous settings whatever happened.
     let restored = (
         put_chaos(&http, &ep.payment, &saved_payment).await,
@@ -159,18 +162,28 @@ pub async fn run(
     Ok(report)
 }
 
-#[allow(clippy::too_many_arguments)]
+/// What one run sends: the order bodies (from `seed`), over `products` stocked at `initial`.
+struct Workload {
+    bodies: Vec<Value>,
+    seed: u64,
+    products: Vec<String>,
+    initial: i64,
+}
+
 async fn drive(
     ep: &Endpoints,
     nats_auth: &saga_shared_events::config::NatsAuthArgs,
     args: &ChaosArgs,
     http: &reqwest::Client,
-    bodies: Vec<Value>,
-    seed: u64,
-    products: &[String],
-    initial: i64,
+    workload: Workload,
     dbs: Option<AuditDbs>,
 ) -> anyhow::Result<ChaosReport> {
+    let Workload {
+        bodies,
+        seed,
+        products,
+        initial,
+    } = workload;
     let nats = saga_shared_events::nats::connect(
         &ep.nats_url,
         "sagactl",

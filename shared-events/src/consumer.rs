@@ -11,7 +11,6 @@ use async_nats::jetstream::{self, AckKind};
 use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
-use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use sqlx::PgConnection;
 
@@ -313,7 +312,10 @@ fn prepare(spec: &ConsumerSpec, msg: jetstream::Message) -> Delivery {
         saga_id = %header(header::SAGA_ID),
         trace_id = tracing::field::Empty,
     );
-    let _ = span.set_parent(propagation::context_from_headers(msg.headers.as_ref()));
+    crate::telemetry::set_parent(
+        &span,
+        propagation::context_from_headers(msg.headers.as_ref()),
+    );
     crate::telemetry::record_trace_id(&span);
     let decoded = if msg.payload.len() > MAX_MESSAGE_BYTES {
         Err(HandlerError::Permanent(format!(

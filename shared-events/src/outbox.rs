@@ -53,10 +53,7 @@ impl OutgoingMessage {
             messaging.message.id = %envelope.message_id,
             saga_id = %envelope.saga_id,
         );
-        let fields = {
-            use tracing_opentelemetry::OpenTelemetrySpanExt;
-            propagation::context_fields(&span.context())
-        };
+        let fields = propagation::context_fields(&crate::telemetry::context(&span));
         Self::with_trace(envelope, fields)
     }
 

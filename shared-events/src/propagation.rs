@@ -8,7 +8,6 @@ use std::collections::{BTreeMap, HashMap};
 use async_nats::HeaderMap;
 use opentelemetry::propagation::{Extractor, Injector};
 use opentelemetry::{Context, global};
-use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 /// Writes propagation fields into NATS headers.
 pub struct NatsInjector<'a>(pub &'a mut HeaderMap);
@@ -34,7 +33,7 @@ impl Extractor for NatsExtractor<'_> {
 
 /// The trace context of the current span as `traceparent`/`tracestate` pairs.
 pub fn current_context_fields() -> BTreeMap<String, String> {
-    context_fields(&tracing::Span::current().context())
+    context_fields(&crate::telemetry::context(&tracing::Span::current()))
 }
 
 /// The propagation fields of a context.

@@ -5,18 +5,35 @@
 //! Spans always get trace ids (so ids propagate and appear in logs and the API); they are only
 //! exported when an endpoint is configured. Export is batched on a background thread: a collector
 //! that is down or slow drops spans (counted in `otel_spans_dropped_total`), never blocks a saga.
+//! Without an endpoint no OpenTelemetry span is built at all: each span keeps only its trace id
+//! and span id ([`IdLayer`]), which is all propagation needs. Use [`context`] and [`set_parent`]
+//! rather than `OpenTelemetrySpanExt`, so that both ways work.
 
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use opentelemetry::global;
-use opentelemetry::trace::TracerProvider as _;
+use opentelemetry::trace::{
+    SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState, TracerProvider as _,
+};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter};
+use opentelemetry_sdk::trace::{
+    IdGenerator, RandomIdGenerator, SdkTracerProvider, SpanData, SpanExporter,
+};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
+
+/// Whether OpenTelemetry spans are built (an exporter is configured); set once by [`init`].
+static EXPORTING: OnceLock<bool> = OnceLock::new();
+
+fn exporting() -> bool {
+    EXPORTING.get().copied().unwrap_or(true)
+}
 
 /// How log lines look.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -102,9 +119,9 @@ pub fn init(default_service: &str, format: LogFormat) -> Result<TelemetryGuard, 
         ))
         .build();
     let mut builder = SdkTracerProvider::builder().with_resource(resource);
-    if env("OTEL_EXPORTER_OTLP_ENDPOINT").is_some()
-        || env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").is_some()
-    {
+    let exporting = env("OTEL_EXPORTER_OTLP_ENDPOINT").is_some()
+        || env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").is_some();
+    if exporting {
         let protocol = env("OTEL_EXPORTER_OTLP_PROTOCOL").unwrap_or_else(|| "grpc".into());
         builder = match protocol.as_str() {
             // The endpoint and timeout come from the standard OTEL_EXPORTER_OTLP_* variables.
@@ -136,21 +153,26 @@ pub fn init(default_service: &str, format: LogFormat) -> Result<TelemetryGuard, 
     let filter = || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     // Export every info span of our own, whatever RUST_LOG says, but never the exporter's
     // own transport (which would feed on itself).
-    let otel_filter = EnvFilter::new(
-        "info,h2=off,hyper=off,hyper_util=off,tonic=off,tower=off,reqwest=off,opentelemetry=off,opentelemetry_sdk=off",
-    );
+    let otel_filter = || {
+        EnvFilter::new(
+            "info,h2=off,hyper=off,hyper_util=off,tonic=off,tower=off,reqwest=off,opentelemetry=off,opentelemetry_sdk=off",
+        )
+    };
     // The layer's defaults cost every message: code location and thread attributes on each span
     // (the thread name allocated each time), busy/idle timings read on every poll of an
     // instrumented future, and the span's context attached to the thread on every poll, which
     // starts the OpenTelemetry span early. Nothing here reads `Context::current()`: propagation
     // takes a span's context explicitly.
-    let otel_layer = tracing_opentelemetry::layer()
-        .with_tracer(provider.tracer(service))
-        .with_location(false)
-        .with_threads(false)
-        .with_tracked_inactivity(false)
-        .with_context_activation(false)
-        .with_filter(otel_filter);
+    let otel_layer = exporting.then(|| {
+        tracing_opentelemetry::layer()
+            .with_tracer(provider.tracer(service))
+            .with_location(false)
+            .with_threads(false)
+            .with_tracked_inactivity(false)
+            .with_context_activation(false)
+            .with_filter(otel_filter())
+    });
+    let id_layer = (!exporting).then(|| IdLayer::default().with_filter(otel_filter()));
     let fmt_layer = match format {
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()
@@ -162,21 +184,109 @@ pub fn init(default_service: &str, format: LogFormat) -> Result<TelemetryGuard, 
             .with_filter(filter())
             .boxed(),
     };
+    let _ = EXPORTING.set(exporting);
     tracing_subscriber::registry()
         .with(fmt_layer)
         .with(otel_layer)
+        .with(id_layer)
         .try_init()
         .map_err(|e| TelemetryError::Subscriber(e.to_string()))?;
     Ok(TelemetryGuard { provider })
 }
 
+/// A span's place in its trace, when spans are not exported.
+#[derive(Debug, Clone, Copy)]
+struct SpanIds {
+    trace_id: TraceId,
+    span_id: SpanId,
+}
+
+/// Gives every span a span id, and the trace id of its parent (or a new one): what an
+/// OpenTelemetry span would carry downstream, without the span.
+#[derive(Debug, Default)]
+struct IdLayer {
+    ids: RandomIdGenerator,
+}
+
+impl<S> Layer<S> for IdLayer
+where
+    S: tracing::Subscriber + for<'a> LookupSpan<'a>,
+{
+    fn on_new_span(
+        &self,
+        attrs: &tracing::span::Attributes<'_>,
+        id: &tracing::span::Id,
+        ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        let parent = match attrs.parent() {
+            Some(p) => ctx.span(p),
+            None if attrs.is_contextual() => ctx.lookup_current(),
+            None => None,
+        };
+        let trace_id = parent
+            .and_then(|p| p.extensions().get::<SpanIds>().map(|i| i.trace_id))
+            .unwrap_or_else(|| self.ids.new_trace_id());
+        if let Some(span) = ctx.span(id) {
+            span.extensions_mut().insert(SpanIds {
+                trace_id,
+                span_id: self.ids.new_span_id(),
+            });
+        }
+    }
+}
+
+/// Runs `f` on the ids [`IdLayer`] gave `span`.
+fn with_ids<R>(span: &tracing::Span, f: impl FnOnce(&mut SpanIds) -> R) -> Option<R> {
+    span.with_subscriber(|(id, dispatch)| {
+        let registry = dispatch.downcast_ref::<tracing_subscriber::Registry>()?;
+        let data = registry.span(id)?;
+        let mut extensions = data.extensions_mut();
+        extensions.get_mut::<SpanIds>().map(f)
+    })
+    .flatten()
+}
+
+/// The trace context of `span`, as propagated to the messages it sends.
+pub fn context(span: &tracing::Span) -> opentelemetry::Context {
+    if exporting() {
+        return OpenTelemetrySpanExt::context(span);
+    }
+    match with_ids(span, |i| *i) {
+        Some(i) => opentelemetry::Context::new().with_remote_span_context(SpanContext::new(
+            i.trace_id,
+            i.span_id,
+            TraceFlags::SAMPLED,
+            false,
+            TraceState::default(),
+        )),
+        None => opentelemetry::Context::new(),
+    }
+}
+
+/// Makes the (remote) context `parent` the parent of `span`, before it has children.
+pub fn set_parent(span: &tracing::Span, parent: opentelemetry::Context) {
+    if exporting() {
+        let _ = OpenTelemetrySpanExt::set_parent(span, parent);
+        return;
+    }
+    let remote = parent.span().span_context().trace_id();
+    if remote != TraceId::INVALID {
+        with_ids(span, |i| i.trace_id = remote);
+    }
+}
+
 /// Records the span's trace id in its `trace_id` field, so log lines carry it.
 pub fn record_trace_id(span: &tracing::Span) {
-    use opentelemetry::trace::TraceContextExt;
-    use tracing_opentelemetry::OpenTelemetrySpanExt;
-    let cx = span.context();
-    let sc = cx.span().span_context().clone();
-    if sc.is_valid() {
-        span.record("trace_id", tracing::field::display(sc.trace_id()));
+    let trace_id = if exporting() {
+        let sc = OpenTelemetrySpanExt::context(span)
+            .span()
+            .span_context()
+            .clone();
+        sc.is_valid().then(|| sc.trace_id())
+    } else {
+        with_ids(span, |i| i.trace_id)
+    };
+    if let Some(trace_id) = trace_id {
+        span.record("trace_id", tracing::field::display(trace_id));
     }
 }

@@ -389,3 +389,66 @@ async fn a_collector_that_is_down_costs_no_saga() {
         .await;
     assert_eq!(code, Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_an_exporter_every_message_of_a_saga_carries_its_trace() {
+    use futures_util::StreamExt;
+    // No OTLP endpoint: spans keep only their ids, and those must still propagate.
+    let stack = Stack::start().await;
+    let tea = product("tea");
+    stack.set_stock(&tea, 10).await;
+    let nats = stack.nats_client().await;
+    let commands = nats.subscribe("saga.>").await.unwrap();
+    let events = nats.subscribe("orders.>").await.unwrap();
+    let mut messages = futures_util::stream::select(commands, events);
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let r = stack
+        .http
+        .post(stack.url("orchestrator", "/orders"))
+        .header("traceparent", format!("00-{trace}-00f067aa0ba902b7-01"))
+        .json(&saga_e2e_tests::order_body("jo", &[(&tea, 1, 10)]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 202);
+    let id = r.json::<serde_json::Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // Three commands, three replies, the created and the completed event.
+    let mut seen: BTreeMap<String, (String, String)> = BTreeMap::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while seen.len() < 8 {
+        let msg = tokio::time::timeout_at(deadline, messages.next())
+            .await
+            .unwrap_or_else(|_| panic!("8 messages of the saga expected, saw {seen:#?}"))
+            .unwrap();
+        let Some(headers) = msg.headers else { continue };
+        if headers.get("Saga-Id").map(|v| v.as_str()) != Some(id.as_str()) {
+            continue;
+        }
+        let parent = headers
+            .get("traceparent")
+            .map(|v| v.as_str().to_owned())
+            .unwrap_or_default();
+        let parts: Vec<&str> = parent.split('-').collect();
+        assert_eq!(parts.len(), 4, "{} has traceparent {parent:?}", msg.subject);
+        seen.insert(
+            msg.subject.to_string(),
+            (parts[1].to_owned(), parts[2].to_owned()),
+        );
+    }
+    for (subject, (trace_id, _)) in &seen {
+        assert_eq!(trace_id, trace, "{subject}");
+    }
+    let span_ids: BTreeSet<&str> = seen.values().map(|(_, s)| s.as_str()).collect();
+    assert_eq!(
+        span_ids.len(),
+        seen.len(),
+        "one producer span each: {seen:#?}"
+    );
+    assert!(!span_ids.contains("0000000000000000"));
+    let order = stack.wait_terminal(&id).await;
+    assert_eq!(order["status"], "shipped");
+    assert_eq!(order["trace_id"], trace);
+}

@@ -7,7 +7,6 @@ use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::http::Request;
 use tower_http::trace::TraceLayer;
-use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::saga::store::SagaStore;
 
@@ -51,7 +50,7 @@ pub fn api_router(state: AppState) -> Router {
                     http.route = %route,
                     url.path = %req.uri().path(),
                 );
-                let _ = span.set_parent(parent);
+                saga_shared_events::telemetry::set_parent(&span, parent);
                 span
             }),
         )

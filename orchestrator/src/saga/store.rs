@@ -1285,10 +1285,11 @@ impl SagaStore {
         let events: Vec<SagaEvent> = due
             .iter()
             .map(|(order_id, Json(trace))| {
-                use tracing_opentelemetry::OpenTelemetrySpanExt;
                 let span = tracing::info_span!("saga deadline", saga_id = %order_id);
-                let _ =
-                    span.set_parent(saga_shared_events::propagation::context_from_fields(trace));
+                saga_shared_events::telemetry::set_parent(
+                    &span,
+                    saga_shared_events::propagation::context_from_fields(trace),
+                );
                 SagaEvent {
                     order_id: *order_id,
                     event: Event::StepTimedOut,

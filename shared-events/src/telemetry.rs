@@ -199,10 +199,12 @@ pub fn init(default_service: &str, format: LogFormat) -> Result<TelemetryGuard, 
 struct SpanIds {
     trace_id: TraceId,
     span_id: SpanId,
+    /// The parent's sampling decision, passed on (sampled for a new trace).
+    flags: TraceFlags,
 }
 
-/// Gives every span a span id, and the trace id of its parent (or a new one): what an
-/// OpenTelemetry span would carry downstream, without the span.
+/// Gives every span a span id, and the trace id and flags of its parent (or a new trace): what
+/// an OpenTelemetry span would carry downstream, without the span.
 #[derive(Debug, Default)]
 struct IdLayer {
     ids: RandomIdGenerator,
@@ -223,13 +225,18 @@ where
             None if attrs.is_contextual() => ctx.lookup_current(),
             None => None,
         };
-        let trace_id = parent
-            .and_then(|p| p.extensions().get::<SpanIds>().map(|i| i.trace_id))
-            .unwrap_or_else(|| self.ids.new_trace_id());
+        let (trace_id, flags) = parent
+            .and_then(|p| {
+                p.extensions()
+                    .get::<SpanIds>()
+                    .map(|i| (i.trace_id, i.flags))
+            })
+            .unwrap_or_else(|| (self.ids.new_trace_id(), TraceFlags::SAMPLED));
         if let Some(span) = ctx.span(id) {
             span.extensions_mut().insert(SpanIds {
                 trace_id,
                 span_id: self.ids.new_span_id(),
+                flags,
             });
         }
     }
@@ -255,7 +262,7 @@ pub fn context(span: &tracing::Span) -> opentelemetry::Context {
         Some(i) => opentelemetry::Context::new().with_remote_span_context(SpanContext::new(
             i.trace_id,
             i.span_id,
-            TraceFlags::SAMPLED,
+            i.flags,
             false,
             TraceState::default(),
         )),
@@ -269,9 +276,12 @@ pub fn set_parent(span: &tracing::Span, parent: opentelemetry::Context) {
         let _ = OpenTelemetrySpanExt::set_parent(span, parent);
         return;
     }
-    let remote = parent.span().span_context().trace_id();
-    if remote != TraceId::INVALID {
-        with_ids(span, |i| i.trace_id = remote);
+    let remote = parent.span().span_context().clone();
+    if remote.is_valid() {
+        with_ids(span, |i| {
+            i.trace_id = remote.trace_id();
+            i.flags = remote.trace_flags();
+        });
     }
 }
 
@@ -288,5 +298,42 @@ pub fn record_trace_id(span: &tracing::Span) {
     };
     if let Some(trace_id) = trace_id {
         span.record("trace_id", tracing::field::display(trace_id));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    #[test]
+    fn without_an_exporter_ids_and_the_sampling_decision_pass_from_parent_to_child() {
+        global::set_text_map_propagator(TraceContextPropagator::new());
+        let _ = EXPORTING.set(false);
+        let subscriber = tracing_subscriber::registry().with(IdLayer::default());
+        tracing::subscriber::with_default(subscriber, || {
+            let incoming = BTreeMap::from([(
+                "traceparent".to_owned(),
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00".to_owned(),
+            )]);
+            let root = tracing::info_span!("root");
+            set_parent(&root, crate::propagation::context_from_fields(&incoming));
+            let child = root.in_scope(|| tracing::info_span!("child"));
+            let explicit = tracing::info_span!(parent: &child, "explicit");
+            for span in [&root, &child, &explicit] {
+                let fields = crate::propagation::context_fields(&context(span));
+                let parts: Vec<String> = fields["traceparent"]
+                    .split('-')
+                    .map(str::to_owned)
+                    .collect();
+                assert_eq!(parts[1], "4bf92f3577b34da6a3ce929d0e0e4736");
+                assert_ne!(parts[2], "00f067aa0ba902b7", "a span id of its own");
+                assert_eq!(parts[3], "00", "not sampled, as the caller decided");
+            }
+            let fresh = tracing::info_span!(parent: None, "fresh");
+            let fields = crate::propagation::context_fields(&context(&fresh));
+            assert!(fields["traceparent"].ends_with("-01"), "{fields:?}");
+            assert!(!fields["traceparent"].contains("4bf92f3577b34da6a3ce929d0e0e4736"));
+        });
     }
 }

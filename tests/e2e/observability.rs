@@ -405,7 +405,8 @@ async fn without_an_exporter_every_message_of_a_saga_carries_its_trace() {
     let r = stack
         .http
         .post(stack.url("orchestrator", "/orders"))
-        .header("traceparent", format!("00-{trace}-00f067aa0ba902b7-01"))
+        // Not sampled by the caller: the decision travels with the ids.
+        .header("traceparent", format!("00-{trace}-00f067aa0ba902b7-00"))
         .json(&saga_e2e_tests::order_body("jo", &[(&tea, 1, 10)]))
         .send()
         .await
@@ -416,7 +417,7 @@ async fn without_an_exporter_every_message_of_a_saga_carries_its_trace() {
         .unwrap()
         .to_owned();
     // Three commands, three replies, the created and the completed event.
-    let mut seen: BTreeMap<String, (String, String)> = BTreeMap::new();
+    let mut seen: BTreeMap<String, (String, String, String)> = BTreeMap::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while seen.len() < 8 {
         let msg = tokio::time::timeout_at(deadline, messages.next())
@@ -435,13 +436,18 @@ async fn without_an_exporter_every_message_of_a_saga_carries_its_trace() {
         assert_eq!(parts.len(), 4, "{} has traceparent {parent:?}", msg.subject);
         seen.insert(
             msg.subject.to_string(),
-            (parts[1].to_owned(), parts[2].to_owned()),
+            (
+                parts[1].to_owned(),
+                parts[2].to_owned(),
+                parts[3].to_owned(),
+            ),
         );
     }
-    for (subject, (trace_id, _)) in &seen {
+    for (subject, (trace_id, _, flags)) in &seen {
         assert_eq!(trace_id, trace, "{subject}");
+        assert_eq!(flags, "00", "{subject}: {seen:#?}");
     }
-    let span_ids: BTreeSet<&str> = seen.values().map(|(_, s)| s.as_str()).collect();
+    let span_ids: BTreeSet<&str> = seen.values().map(|(_, s, _)| s.as_str()).collect();
     assert_eq!(
         span_ids.len(),
         seen.len(),

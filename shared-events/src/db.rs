@@ -98,8 +98,8 @@ pub const PINNED_PLANS: [(&str, &str); 2] = [
     ("enable_seqscan", "off"),
 ];
 
-/// Connections to the database of `pool` for the hot path's batch statements only
-/// ([`PINNED_PLANS`]), at most `max_connections` at once. They are opened in the background and
+/// Connections to the database of `pool` for batch statements only (the hot path's, and the
+/// outbox clean-up's delete), planned once ([`PINNED_PLANS`]), at most `max_connections` at once. They are opened in the background and
 /// kept, so no batch waits for a new backend, and they are not tested between batches that
 /// follow each other: sqlx's pool pings a connection as it returns, a Postgres round trip on
 /// every batch for both processes. A connection goes back only when its batch ended well

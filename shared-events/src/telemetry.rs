@@ -287,17 +287,9 @@ pub fn set_parent(span: &tracing::Span, parent: opentelemetry::Context) {
 
 /// Records the span's trace id in its `trace_id` field, so log lines carry it.
 pub fn record_trace_id(span: &tracing::Span) {
-    let trace_id = if exporting() {
-        let sc = OpenTelemetrySpanExt::context(span)
-            .span()
-            .span_context()
-            .clone();
-        sc.is_valid().then(|| sc.trace_id())
-    } else {
-        with_ids(span, |i| i.trace_id)
-    };
-    if let Some(trace_id) = trace_id {
-        span.record("trace_id", tracing::field::display(trace_id));
+    let sc = context(span).span().span_context().clone();
+    if sc.is_valid() {
+        span.record("trace_id", tracing::field::display(sc.trace_id()));
     }
 }
 

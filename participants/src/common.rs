@@ -391,11 +391,14 @@ impl<D: Decide> CommandHandler<D> {
             let span = tracing::info_span!(
                 parent: &msgs[i].span,
                 "decide",
-                otel.name = %format!("{} {}", D::PARTICIPANT.as_str(), env.body.message_type()),
+                otel.name = tracing::field::Empty,
                 saga_id = %env.saga_id,
                 otel.status_code = tracing::field::Empty,
                 otel.status_description = tracing::field::Empty,
             );
+            saga_shared_events::telemetry::name_span(&span, || {
+                format!("{} {}", D::PARTICIPANT.as_str(), env.body.message_type())
+            });
             if let Body::InventoryRejected(r) | Body::PaymentDeclined(r) | Body::ShippingFailed(r) =
                 &reply
             {

@@ -289,17 +289,17 @@ fn prepare(spec: &ConsumerSpec, msg: jetstream::Message) -> Delivery {
         metrics::counter!("messages_redelivered_total", "consumer" => spec.durable.clone())
             .increment(1);
     }
-    let subject = msg.subject.to_string();
+    let subject = msg.subject.as_str();
     let header = |name: &str| {
         msg.headers
             .as_ref()
             .and_then(|h| h.get(name))
-            .map(|v| v.as_str().to_owned())
+            .map(|v| v.as_str())
             .unwrap_or_default()
     };
     let span = tracing::info_span!(
         "process",
-        otel.name = %format!("{subject} process"),
+        otel.name = tracing::field::Empty,
         otel.kind = "consumer",
         otel.status_code = tracing::field::Empty,
         otel.status_description = tracing::field::Empty,
@@ -312,6 +312,7 @@ fn prepare(spec: &ConsumerSpec, msg: jetstream::Message) -> Delivery {
         saga_id = %header(header::SAGA_ID),
         trace_id = tracing::field::Empty,
     );
+    crate::telemetry::name_span(&span, || format!("{subject} process"));
     crate::telemetry::set_parent(
         &span,
         propagation::context_from_headers(msg.headers.as_ref()),
@@ -339,28 +340,27 @@ async fn process<H: Handler>(
     handler: &H,
     msgs: Vec<jetstream::Message>,
 ) {
-    let mut deliveries: Vec<Delivery> = msgs.into_iter().map(|m| prepare(spec, m)).collect();
-    let mut incoming = Vec::new();
-    let mut index = Vec::new();
-    for (i, d) in deliveries.iter_mut().enumerate() {
-        if let Ok(envelope) = &d.decoded {
-            incoming.push(Incoming {
-                envelope: envelope.clone(),
-                subject: d.msg.subject.to_string(),
-                delivered: d.delivered,
-                span: d.span.clone(),
-            });
-            index.push(i);
+    let mut deliveries = Vec::with_capacity(msgs.len());
+    let mut incoming = Vec::with_capacity(msgs.len());
+    let mut index = Vec::with_capacity(msgs.len());
+    let mut outcomes: Vec<Result<(), HandlerError>> = Vec::with_capacity(msgs.len());
+    for (i, m) in msgs.into_iter().enumerate() {
+        let d = prepare(spec, m);
+        match d.decoded {
+            Ok(envelope) => {
+                incoming.push(Incoming {
+                    envelope,
+                    subject: d.msg.subject.to_string(),
+                    delivered: d.delivered,
+                    span: d.span.clone(),
+                });
+                index.push(i);
+                outcomes.push(Ok(()));
+            }
+            Err(e) => outcomes.push(Err(e)),
         }
+        deliveries.push((d.msg, d.delivered, d.span));
     }
-    let mut outcomes: Vec<Result<(), HandlerError>> = deliveries
-        .iter_mut()
-        .map(|d| match &d.decoded {
-            Ok(_) => Ok(()),
-            Err(HandlerError::Permanent(e)) => Err(HandlerError::Permanent(e.clone())),
-            Err(HandlerError::Transient(e)) => Err(HandlerError::Transient(e.clone())),
-        })
-        .collect();
     let results = match incoming.len() {
         0 => Vec::new(),
         1 => {
@@ -378,12 +378,12 @@ async fn process<H: Handler>(
     for (i, r) in index.into_iter().zip(results) {
         outcomes[i] = r;
     }
-    for (d, outcome) in deliveries.into_iter().zip(outcomes) {
+    for ((msg, delivered, span), outcome) in deliveries.into_iter().zip(outcomes) {
         // Instrumented, never entered: an entered span held across an await stays current on
         // the thread the task was suspended on, and a span another task opens there under it
         // after it closed panics in tracing-subscriber (seen at 64 in flight).
-        settle(js, spec, &d.msg, d.delivered, &d.span, outcome)
-            .instrument(d.span.clone())
+        settle(js, spec, &msg, delivered, &span, outcome)
+            .instrument(span.clone())
             .await;
     }
 }

@@ -6,12 +6,13 @@
 //! JetStream's window and the inbox absorb.
 
 use std::collections::BTreeMap;
+use std::future::Future;
+use std::task::Poll;
 use std::time::Duration;
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::Context as JetStream;
 use bytes::Bytes;
-use futures_util::FutureExt;
 use futures_util::future::join_all;
 use sqlx::postgres::PgListener;
 use sqlx::{PgConnection, PgPool};
@@ -45,7 +46,7 @@ impl OutgoingMessage {
         let subject = envelope.body.subject();
         let span = tracing::info_span!(
             "publish",
-            otel.name = %format!("{subject} publish"),
+            otel.name = tracing::field::Empty,
             otel.kind = "producer",
             messaging.system = "nats",
             messaging.destination.name = %subject,
@@ -53,12 +54,17 @@ impl OutgoingMessage {
             messaging.message.id = %envelope.message_id,
             saga_id = %envelope.saga_id,
         );
+        crate::telemetry::name_span(&span, || format!("{subject} publish"));
         let fields = propagation::context_fields(&crate::telemetry::context(&span));
-        Self::with_trace(envelope, fields)
+        Self::build(envelope, subject, fields)
     }
 
     /// Wraps an envelope with explicit trace propagation fields.
-    pub fn with_trace(envelope: &Envelope, mut headers: BTreeMap<String, String>) -> Self {
+    pub fn with_trace(envelope: &Envelope, headers: BTreeMap<String, String>) -> Self {
+        Self::build(envelope, envelope.body.subject(), headers)
+    }
+
+    fn build(envelope: &Envelope, subject: String, mut headers: BTreeMap<String, String>) -> Self {
         headers.insert(header::MSG_ID.into(), envelope.message_id.to_string());
         headers.insert(header::SAGA_ID.into(), envelope.saga_id.to_string());
         headers.insert(
@@ -70,7 +76,7 @@ impl OutgoingMessage {
         }
         OutgoingMessage {
             message_id: envelope.message_id,
-            subject: envelope.body.subject(),
+            subject,
             headers,
             payload: envelope.encode(),
         }
@@ -129,42 +135,37 @@ impl Outbox {
             return;
         }
         let row = (messages[0].message_id, messages.len() as u64);
-        let mut acks = Vec::with_capacity(messages.len());
-        let mut later = Vec::new();
-        for m in messages {
-            let (subject, headers, payload) =
-                (m.subject, header_map(&m.headers), Bytes::from(m.payload));
-            if later.is_empty() {
-                let now = self
-                    .js
-                    .publish_with_headers(subject.clone(), headers.clone(), payload.clone())
-                    .now_or_never();
-                match now {
-                    Some(Ok(ack)) => {
-                        acks.push(ack);
-                        continue;
-                    }
-                    Some(Err(e)) => {
-                        tracing::debug!(error = %e, "fast publish failed; relay will retry");
-                        return;
-                    }
-                    None => {}
-                }
-            }
-            later.push((subject, headers, payload));
-        }
         let js = self.js.clone();
+        let mut handing = Box::pin(async move {
+            let mut acks = Vec::with_capacity(messages.len());
+            for m in messages {
+                let headers = header_map(&m.headers);
+                acks.push(
+                    js.publish_with_headers(m.subject, headers, Bytes::from(m.payload))
+                        .await?,
+                );
+            }
+            Ok::<_, async_nats::jetstream::context::PublishError>(acks)
+        });
+        // Polled once here: the messages the client takes at once are handed over on the
+        // caller's task, before it acknowledges what it consumed (the next service starts
+        // sooner); the rest, if the client's buffer is full (broker down), in the background,
+        // so the caller never waits for the broker.
+        let mut cx = std::task::Context::from_waker(futures_util::task::noop_waker_ref());
+        let handed = handing.as_mut().poll(&mut cx);
         let acked = self.acked.clone();
         self.tracker.spawn(async move {
-            for (subject, headers, payload) in later {
-                match js.publish_with_headers(subject, headers, payload).await {
-                    Ok(ack) => acks.push(ack),
-                    Err(e) => {
-                        tracing::debug!(error = %e, "fast publish failed; relay will retry");
-                        return;
-                    }
+            let handed = match handed {
+                Poll::Ready(handed) => handed,
+                Poll::Pending => handing.await,
+            };
+            let acks = match handed {
+                Ok(acks) => acks,
+                Err(e) => {
+                    tracing::debug!(error = %e, "fast publish failed; relay will retry");
+                    return;
                 }
-            }
+            };
             for ack in acks {
                 if !matches!(
                     tokio::time::timeout(Duration::from_secs(5), ack).await,

@@ -285,6 +285,14 @@ pub fn set_parent(span: &tracing::Span, parent: opentelemetry::Context) {
     }
 }
 
+/// Names the exported span `span` (its `otel.name` field, declared `Empty`): names are built per
+/// message, and without an exporter nothing reads them.
+pub fn name_span(span: &tracing::Span, name: impl FnOnce() -> String) {
+    if exporting() {
+        span.record("otel.name", name().as_str());
+    }
+}
+
 /// Records the span's trace id in its `trace_id` field, so log lines carry it.
 pub fn record_trace_id(span: &tracing::Span) {
     let sc = context(span).span().span_context().clone();

@@ -40,16 +40,19 @@ pub fn api_router(state: AppState) -> Router {
                 let route = req
                     .extensions()
                     .get::<axum::extract::MatchedPath>()
-                    .map(|p| p.as_str().to_owned())
+                    .map(|p| p.as_str())
                     .unwrap_or_default();
                 let span = tracing::info_span!(
                     "http request",
-                    otel.name = %format!("{} {}", req.method(), route),
+                    otel.name = tracing::field::Empty,
                     otel.kind = "server",
                     http.request.method = %req.method(),
                     http.route = %route,
                     url.path = %req.uri().path(),
                 );
+                saga_shared_events::telemetry::name_span(&span, || {
+                    format!("{} {}", req.method(), route)
+                });
                 saga_shared_events::telemetry::set_parent(&span, parent);
                 span
             }),

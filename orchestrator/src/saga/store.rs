@@ -1367,10 +1367,10 @@ const VIEW_SELECT_BY_ID: &str = "select order_id, customer_id, items, total_cent
 
 /// The span of one saga transition; `from`, `to` and the status are recorded once known.
 fn transition_span(order_id: Uuid, event: &'static str, parent: &tracing::Span) -> tracing::Span {
-    tracing::info_span!(
+    let span = tracing::info_span!(
         parent: parent,
         "saga transition",
-        otel.name = %format!("saga {event}"),
+        otel.name = tracing::field::Empty,
         saga.id = %order_id,
         order.id = %order_id,
         saga.event = event,
@@ -1379,7 +1379,9 @@ fn transition_span(order_id: Uuid, event: &'static str, parent: &tracing::Span) 
         otel.status_code = tracing::field::Empty,
         otel.status_description = tracing::field::Empty,
         saga_id = %order_id,
-    )
+    );
+    saga_shared_events::telemetry::name_span(&span, || format!("saga {event}"));
+    span
 }
 
 /// The command a step sends, built from the order.

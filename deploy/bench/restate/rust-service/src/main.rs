@@ -18,10 +18,14 @@ use std::sync::{LazyLock, Mutex};
 
 // ---------------- configuration (same env vars / defaults as service.mjs) ----------------
 fn env_f64(name: &str, default: f64) -> f64 {
-    std::env::var(name).ok().and_then(|v| v.trim().parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(default)
 }
 static PAYMENT_SUCCESS_RATE: LazyLock<f64> = LazyLock::new(|| env_f64("PAYMENT_SUCCESS_RATE", 0.9));
-static SHIPPING_SUCCESS_RATE: LazyLock<f64> = LazyLock::new(|| env_f64("SHIPPING_SUCCESS_RATE", 1.0));
+static SHIPPING_SUCCESS_RATE: LazyLock<f64> =
+    LazyLock::new(|| env_f64("SHIPPING_SUCCESS_RATE", 1.0));
 
 // ---------------- JSON shapes (identical to the Node inline shape) ----------------
 #[allow(non_snake_case)]
@@ -130,8 +134,8 @@ struct Shipment {
 }
 #[derive(Default)]
 struct Mem {
-    stock: HashMap<String, Row>,         // productId -> counters
-    payments: HashMap<String, Payment>,  // orderId -> charge record
+    stock: HashMap<String, Row>,          // productId -> counters
+    payments: HashMap<String, Payment>,   // orderId -> charge record
     shipments: HashMap<String, Shipment>, // orderId -> shipment record
     // applied ops (the Node `once` map, key "op/orderId[/productId]" -> result)
     applied_reserve: HashMap<String, ReserveRes>,
@@ -165,9 +169,15 @@ mod participants {
             Some(q) if q > 0 && row.stock >= q => {
                 row.stock -= q;
                 row.reserved += q;
-                ReserveRes { ok: true, stock: row.stock }
+                ReserveRes {
+                    ok: true,
+                    stock: row.stock,
+                }
             }
-            _ => ReserveRes { ok: false, stock: row.stock },
+            _ => ReserveRes {
+                ok: false,
+                stock: row.stock,
+            },
         };
         m.applied_reserve.insert(key, r);
         r
@@ -198,8 +208,18 @@ mod participants {
             return *r;
         }
         let ok = rand::random::<f64>() < *PAYMENT_SUCCESS_RATE;
-        let status = if ok { PayStatus::Charged } else { PayStatus::Declined };
-        m.payments.insert(order_id.to_owned(), Payment { amount_cents: amount_cents.clone(), status });
+        let status = if ok {
+            PayStatus::Charged
+        } else {
+            PayStatus::Declined
+        };
+        m.payments.insert(
+            order_id.to_owned(),
+            Payment {
+                amount_cents: amount_cents.clone(),
+                status,
+            },
+        );
         let r = OkRes { ok };
         m.applied_ok.insert(key, r);
         r
@@ -228,7 +248,11 @@ mod participants {
             return *r;
         }
         let rate = *SHIPPING_SUCCESS_RATE;
-        let ok = if rate >= 1.0 { true } else { rand::random::<f64>() < rate };
+        let ok = if rate >= 1.0 {
+            true
+        } else {
+            rand::random::<f64>() < rate
+        };
         if ok {
             m.shipments.insert(order_id.to_owned(), Shipment { items });
         }
@@ -250,7 +274,11 @@ trait Orders {
 
 struct OrdersImpl;
 
-async fn release_all(ctx: &ObjectContext<'_>, order_id: &str, reserved: &[Item]) -> Result<(), TerminalError> {
+async fn release_all(
+    ctx: &ObjectContext<'_>,
+    order_id: &str,
+    reserved: &[Item],
+) -> Result<(), TerminalError> {
     for it in reserved {
         let (oid, pid, qty) = (order_id.to_owned(), it.productId.clone(), it.qty.clone());
         ctx.run(|| async move { Ok(Json(participants::release(&oid, &pid, &qty))) })
@@ -260,13 +288,26 @@ async fn release_all(ctx: &ObjectContext<'_>, order_id: &str, reserved: &[Item])
     Ok(())
 }
 
-fn finish(ctx: &ObjectContext<'_>, order_id: String, status: &'static str, reason: Option<&'static str>) -> HandlerResult<Json<RunOut>> {
+fn finish(
+    ctx: &ObjectContext<'_>,
+    order_id: String,
+    status: &'static str,
+    reason: Option<&'static str>,
+) -> HandlerResult<Json<RunOut>> {
     ctx.set("status", status.to_owned());
-    Ok(Json(RunOut { orderId: order_id, status, reason }))
+    Ok(Json(RunOut {
+        orderId: order_id,
+        status,
+        reason,
+    }))
 }
 
 impl Orders for OrdersImpl {
-    async fn run(&self, ctx: ObjectContext<'_>, Json(order): Json<Order>) -> HandlerResult<Json<RunOut>> {
+    async fn run(
+        &self,
+        ctx: ObjectContext<'_>,
+        Json(order): Json<Order>,
+    ) -> HandlerResult<Json<RunOut>> {
         let order_id = ctx.key().to_owned();
         ctx.set("order", Json(order.clone()));
 
@@ -315,7 +356,10 @@ impl Orders for OrdersImpl {
 
     async fn status(&self, ctx: SharedObjectContext<'_>) -> HandlerResult<Json<StatusOut>> {
         let status = ctx.get::<String>("status").await?;
-        Ok(Json(StatusOut { orderId: ctx.key().to_owned(), status }))
+        Ok(Json(StatusOut {
+            orderId: ctx.key().to_owned(),
+            status,
+        }))
     }
 }
 
@@ -336,18 +380,37 @@ struct StockViewImpl;
 impl StockView for StockViewImpl {
     async fn get(&self, _ctx: Context<'_>, Json(req): Json<GetReq>) -> HandlerResult<Json<RowOut>> {
         let row = *mem().row(&req.productId);
-        Ok(Json(RowOut { product: req.productId, row }))
+        Ok(Json(RowOut {
+            product: req.productId,
+            row,
+        }))
     }
 
-    async fn seed(&self, _ctx: Context<'_>, Json(req): Json<SeedReq>) -> HandlerResult<Json<SeedOut>> {
+    async fn seed(
+        &self,
+        _ctx: Context<'_>,
+        Json(req): Json<SeedReq>,
+    ) -> HandlerResult<Json<SeedOut>> {
         let Some(s) = int_of(&req.stock) else {
             return Err(TerminalError::new("stock must be an integer").into());
         };
-        mem().stock.insert(req.productId, Row { initial: s, stock: s, reserved: 0, released: 0 });
+        mem().stock.insert(
+            req.productId,
+            Row {
+                initial: s,
+                stock: s,
+                reserved: 0,
+                released: 0,
+            },
+        );
         Ok(Json(SeedOut { stock: req.stock }))
     }
 
-    async fn participants(&self, _ctx: Context<'_>, _req: Option<Json<Value>>) -> HandlerResult<Json<ParticipantsOut>> {
+    async fn participants(
+        &self,
+        _ctx: Context<'_>,
+        _req: Option<Json<Value>>,
+    ) -> HandlerResult<Json<ParticipantsOut>> {
         let m = mem();
         let mut payments = PaymentCounts::default();
         for c in m.payments.values() {
@@ -357,14 +420,21 @@ impl StockView for StockViewImpl {
                 PayStatus::Refunded => payments.refunded += 1,
             }
         }
-        Ok(Json(ParticipantsOut { payments, shipments: m.shipments.len() }))
+        Ok(Json(ParticipantsOut {
+            payments,
+            shipments: m.shipments.len(),
+        }))
     }
 }
 
 #[tokio::main]
 async fn main() {
     // SDK log level like the Node SDK's RESTATE_LOGGING (default WARN)
-    let level = match std::env::var("RESTATE_LOGGING").unwrap_or_default().to_ascii_uppercase().as_str() {
+    let level = match std::env::var("RESTATE_LOGGING")
+        .unwrap_or_default()
+        .to_ascii_uppercase()
+        .as_str()
+    {
         "TRACE" => tracing_subscriber::filter::LevelFilter::TRACE,
         "DEBUG" => tracing_subscriber::filter::LevelFilter::DEBUG,
         "INFO" => tracing_subscriber::filter::LevelFilter::INFO,
@@ -372,16 +442,29 @@ async fn main() {
         "OFF" => tracing_subscriber::filter::LevelFilter::OFF,
         _ => tracing_subscriber::filter::LevelFilter::WARN,
     };
-    tracing_subscriber::fmt().with_max_level(level).with_ansi(false).init();
+    tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_ansi(false)
+        .init();
 
     let host = std::env::var("SERVICE_HOST").unwrap_or_else(|_| "127.0.0.1".into());
-    let port: u16 = std::env::var("SERVICE_PORT").ok().and_then(|p| p.parse().ok()).unwrap_or(19080);
-    let addr: std::net::SocketAddr = format!("{host}:{port}").parse().expect("SERVICE_HOST:SERVICE_PORT");
+    let port: u16 = std::env::var("SERVICE_PORT")
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(19080);
+    let addr: std::net::SocketAddr = format!("{host}:{port}")
+        .parse()
+        .expect("SERVICE_HOST:SERVICE_PORT");
     println!(
         "restate service endpoint listening on {addr} (shape inline-rust, restate-sdk rust, payment success rate {}, shipping {})",
         *PAYMENT_SUCCESS_RATE, *SHIPPING_SUCCESS_RATE
     );
-    HttpServer::new(Endpoint::builder().bind(OrdersImpl.serve()).bind(StockViewImpl.serve()).build())
-        .listen_and_serve(addr)
-        .await;
+    HttpServer::new(
+        Endpoint::builder()
+            .bind(OrdersImpl.serve())
+            .bind(StockViewImpl.serve())
+            .build(),
+    )
+    .listen_and_serve(addr)
+    .await;
 }

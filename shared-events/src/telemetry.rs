@@ -56,6 +56,47 @@ pub enum TelemetryError {
     /// A global subscriber was already installed.
     #[error("tracing subscriber already installed: {0}")]
     Subscriber(String),
+    /// `OTEL_TRACES_SAMPLER` or its `OTEL_TRACES_SAMPLER_ARG` is not one this build applies.
+    #[error("{variable}: {reason}")]
+    Sampler {
+        /// The variable at fault.
+        variable: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+/// The samplers `OTEL_TRACES_SAMPLER` may name (those the OpenTelemetry SDK applies; it reads
+/// the variables itself).
+const SAMPLERS: [&str; 6] = [
+    "always_on",
+    "always_off",
+    "traceidratio",
+    "parentbased_always_on",
+    "parentbased_always_off",
+    "parentbased_traceidratio",
+];
+
+/// Checks the standard sampler variables, which the SDK reads on its own and, when they are
+/// wrong, replaces with sampling every trace after a warning nobody sees.
+fn check_sampler(var: impl Fn(&str) -> Option<String>) -> Result<(), TelemetryError> {
+    let Some(sampler) = var("OTEL_TRACES_SAMPLER") else {
+        return Ok(());
+    };
+    if !SAMPLERS.contains(&sampler.as_str()) {
+        return Err(TelemetryError::Sampler {
+            variable: "OTEL_TRACES_SAMPLER",
+            reason: format!("{sampler:?} is not one of {}", SAMPLERS.join(", ")),
+        });
+    }
+    if sampler.ends_with("traceidratio") {
+        let arg = var("OTEL_TRACES_SAMPLER_ARG").unwrap_or_default();
+        crate::config::parse_rate(&arg).map_err(|reason| TelemetryError::Sampler {
+            variable: "OTEL_TRACES_SAMPLER_ARG",
+            reason: format!("the share of new traces {sampler} samples: {reason}"),
+        })?;
+    }
+    Ok(())
 }
 
 /// Flushes buffered spans when shut down.
@@ -109,6 +150,7 @@ fn env(name: &str) -> Option<String> {
 
 /// Installs the global subscriber and propagator. Call once, inside the Tokio runtime.
 pub fn init(default_service: &str, format: LogFormat) -> Result<TelemetryGuard, TelemetryError> {
+    check_sampler(env)?;
     global::set_text_map_propagator(TraceContextPropagator::new());
     let service = env("OTEL_SERVICE_NAME").unwrap_or_else(|| default_service.to_owned());
     let resource = Resource::builder()
@@ -305,6 +347,37 @@ pub fn record_trace_id(span: &tracing::Span) {
 mod tests {
     use super::*;
     use std::collections::BTreeMap;
+
+    #[test]
+    fn a_sampler_the_sdk_would_replace_stops_the_service_naming_the_variable() {
+        let with = |vars: &'static [(&'static str, &'static str)]| {
+            move |name: &str| {
+                vars.iter()
+                    .find(|(k, _)| *k == name)
+                    .map(|(_, v)| (*v).to_owned())
+            }
+        };
+        assert!(check_sampler(with(&[])).is_ok());
+        assert!(check_sampler(with(&[("OTEL_TRACES_SAMPLER", "parentbased_always_off")])).is_ok());
+        assert!(
+            check_sampler(with(&[
+                ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio"),
+                ("OTEL_TRACES_SAMPLER_ARG", "0.1"),
+            ]))
+            .is_ok()
+        );
+        let unknown = check_sampler(with(&[("OTEL_TRACES_SAMPLER", "parentbased_ratio")]))
+            .unwrap_err()
+            .to_string();
+        assert!(unknown.starts_with("OTEL_TRACES_SAMPLER: "), "{unknown}");
+        for arg in [None, Some("ten percent"), Some("1.5")] {
+            let mut vars = vec![("OTEL_TRACES_SAMPLER", "traceidratio")];
+            vars.extend(arg.map(|a| ("OTEL_TRACES_SAMPLER_ARG", a)));
+            let vars: &'static [(&'static str, &'static str)] = vars.leak();
+            let e = check_sampler(with(vars)).unwrap_err().to_string();
+            assert!(e.starts_with("OTEL_TRACES_SAMPLER_ARG: "), "{arg:?}: {e}");
+        }
+    }
 
     #[test]
     fn without_an_exporter_ids_and_the_sampling_decision_pass_from_parent_to_child() {

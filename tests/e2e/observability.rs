@@ -458,3 +458,65 @@ async fn without_an_exporter_every_message_of_a_saga_carries_its_trace() {
     assert_eq!(order["status"], "shipped");
     assert_eq!(order["trace_id"], trace);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_standard_sampler_variables_decide_which_sagas_are_exported() {
+    let rx = Receiver::start().await;
+    // New traces are never sampled; a caller's decision is kept (parent-based).
+    let opts = traced(&rx)
+        .with_all("OTEL_TRACES_SAMPLER", "parentbased_traceidratio")
+        .with_all("OTEL_TRACES_SAMPLER_ARG", "0");
+    let stack = Stack::start_with(opts).await;
+    let tea = product("tea");
+    stack.set_stock(&tea, 10).await;
+
+    let unsampled = stack.create_order("jo", &[(&tea, 1, 10)]).await;
+    let order = stack.wait_terminal(&unsampled).await;
+    assert_eq!(order["status"], "shipped");
+    let unsampled_trace = order["trace_id"].as_str().expect("trace_id").to_owned();
+
+    let sampled_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let r = stack
+        .http
+        .post(stack.url("orchestrator", "/orders"))
+        .header(
+            "traceparent",
+            format!("00-{sampled_trace}-00f067aa0ba902b7-01"),
+        )
+        .json(&saga_e2e_tests::order_body("jo", &[(&tea, 1, 10)]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 202);
+    let id = r.json::<serde_json::Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(stack.wait_terminal(&id).await["status"], "shipped");
+    // The caller's sampled trace is exported by all four services, under the caller's span.
+    let mut spans = Vec::new();
+    wait_until(Duration::from_secs(30), "the sampled trace", || {
+        spans = trace_spans(&rx, sampled_trace);
+        let services: BTreeSet<&str> = spans.iter().map(|s| s.service.as_str()).collect();
+        let ids: BTreeSet<&str> = spans.iter().map(|s| s.span_id.as_str()).collect();
+        let parents_known = spans.iter().all(|s| {
+            s.parent_span_id == "00f067aa0ba902b7" || ids.contains(s.parent_span_id.as_str())
+        });
+        let shipped = spans
+            .iter()
+            .any(|s| s.attributes.get("saga.state.to").map(String::as_str) == Some("shipped"));
+        let ok = services.len() == 4 && parents_known && shipped;
+        async move { ok }
+    })
+    .await;
+    let under_caller: Vec<&Span> = spans
+        .iter()
+        .filter(|s| s.parent_span_id == "00f067aa0ba902b7")
+        .collect();
+    assert_eq!(under_caller.len(), 1, "{under_caller:#?}");
+    assert_eq!(under_caller[0].name, "POST /orders");
+    // Each service exports its spans in the order they end, so the first saga's spans, had any
+    // been sampled, would have arrived before the second saga's last ones.
+    let leaked = trace_spans(&rx, &unsampled_trace);
+    assert!(leaked.is_empty(), "{leaked:#?}");
+}

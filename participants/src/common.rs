@@ -388,14 +388,16 @@ impl<D: Decide> CommandHandler<D> {
         let mut messages = Vec::with_capacity(replies.len());
         for (i, reply) in replies {
             let env = &msgs[i].envelope;
-            let span = tracing::info_span!(
-                parent: &msgs[i].span,
-                "decide",
-                otel.name = tracing::field::Empty,
-                saga_id = %env.saga_id,
-                otel.status_code = tracing::field::Empty,
-                otel.status_description = tracing::field::Empty,
-            );
+            // In the message's scope, which routes it (`telemetry::UNTRACED`).
+            let span = msgs[i].span.in_scope(|| {
+                tracing::info_span!(
+                    "decide",
+                    otel.name = tracing::field::Empty,
+                    saga_id = %env.saga_id,
+                    otel.status_code = tracing::field::Empty,
+                    otel.status_description = tracing::field::Empty,
+                )
+            });
             saga_shared_events::telemetry::name_span(&span, || {
                 format!("{} {}", D::PARTICIPANT.as_str(), env.body.message_type())
             });

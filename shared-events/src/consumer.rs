@@ -297,26 +297,36 @@ fn prepare(spec: &ConsumerSpec, msg: jetstream::Message) -> Delivery {
             .map(|v| v.as_str())
             .unwrap_or_default()
     };
-    let span = tracing::info_span!(
-        "process",
-        otel.name = tracing::field::Empty,
-        otel.kind = "consumer",
-        otel.status_code = tracing::field::Empty,
-        otel.status_description = tracing::field::Empty,
-        messaging.system = "nats",
-        messaging.destination.name = %subject,
-        messaging.operation.type = "process",
-        messaging.message.id = %header(header::MSG_ID),
-        messaging.consumer.group.name = %spec.durable,
-        delivery = delivered,
-        saga_id = %header(header::SAGA_ID),
-        trace_id = tracing::field::Empty,
-    );
+    let parent = propagation::context_from_headers(msg.headers.as_ref());
+    // The same span either way; only its target differs, which keeps the part of a trace the
+    // sampler drops out of OpenTelemetry (`telemetry::UNTRACED`).
+    macro_rules! process_span {
+        ($target:expr) => {
+            tracing::info_span!(
+                target: $target,
+                "process",
+                otel.name = tracing::field::Empty,
+                otel.kind = "consumer",
+                otel.status_code = tracing::field::Empty,
+                otel.status_description = tracing::field::Empty,
+                messaging.system = "nats",
+                messaging.destination.name = %subject,
+                messaging.operation.type = "process",
+                messaging.message.id = %header(header::MSG_ID),
+                messaging.consumer.group.name = %spec.durable,
+                delivery = delivered,
+                saga_id = %header(header::SAGA_ID),
+                trace_id = tracing::field::Empty,
+            )
+        };
+    }
+    let span = if crate::telemetry::untraced(&parent) {
+        process_span!(crate::telemetry::UNTRACED)
+    } else {
+        process_span!(module_path!())
+    };
     crate::telemetry::name_span(&span, || format!("{subject} process"));
-    crate::telemetry::set_parent(
-        &span,
-        propagation::context_from_headers(msg.headers.as_ref()),
-    );
+    crate::telemetry::set_parent(&span, parent);
     crate::telemetry::record_trace_id(&span);
     let decoded = if msg.payload.len() > MAX_MESSAGE_BYTES {
         Err(HandlerError::Permanent(format!(

@@ -6,8 +6,9 @@
 //! exported when an endpoint is configured. Export is batched on a background thread: a collector
 //! that is down or slow drops spans (counted in `otel_spans_dropped_total`), never blocks a saga.
 //! Without an endpoint no OpenTelemetry span is built at all: each span keeps only its trace id
-//! and span id ([`IdLayer`]), which is all propagation needs. Use [`context`] and [`set_parent`]
-//! rather than `OpenTelemetrySpanExt`, so that both ways work.
+//! and span id ([`IdLayer`]), which is all propagation needs; with one, neither is the part of a
+//! trace the sampler would drop, which a consumer starts under the [`UNTRACED`] target. Use
+//! [`context`] and [`set_parent`] rather than `OpenTelemetrySpanExt`, so that both ways work.
 
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -23,6 +24,7 @@ use opentelemetry_sdk::trace::{
     IdGenerator, RandomIdGenerator, SdkTracerProvider, SpanData, SpanExporter,
 };
 use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::filter::FilterExt;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -30,6 +32,42 @@ use tracing_subscriber::{EnvFilter, Layer};
 
 /// Whether OpenTelemetry spans are built (an exporter is configured); set once by [`init`].
 static EXPORTING: OnceLock<bool> = OnceLock::new();
+
+/// Whether the configured sampler drops a trace whose caller did not sample it (the parent-based
+/// samplers, the default) or drops every trace (`always_off`); set once by [`init`].
+static SAMPLER: OnceLock<Following> = OnceLock::new();
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Following {
+    /// The SDK decides on each span (`always_on`, `traceidratio`).
+    Own,
+    /// A span is sampled if its parent is (`parentbased_*`, the default).
+    Parent,
+    /// Nothing is sampled.
+    Nothing,
+}
+
+/// The target of a span that starts a part of a trace its caller did not sample: with an
+/// exporter, such a span and everything under it get only ids ([`IdLayer`]), like every span
+/// without an exporter, instead of OpenTelemetry spans that the sampler would drop at their end.
+pub const UNTRACED: &str = "saga::untraced";
+
+/// Whether a span whose remote parent is `parent` would be dropped by the sampler, so that it is
+/// better started under the [`UNTRACED`] target (only ever true with an exporter).
+pub fn untraced(parent: &opentelemetry::Context) -> bool {
+    if !exporting() {
+        return false;
+    }
+    match SAMPLER.get().copied().unwrap_or(Following::Own) {
+        Following::Own => false,
+        Following::Nothing => true,
+        Following::Parent => {
+            let span = parent.span();
+            let sc = span.span_context();
+            sc.is_valid() && !sc.is_sampled()
+        }
+    }
+}
 
 fn exporting() -> bool {
     EXPORTING.get().copied().unwrap_or(true)
@@ -151,6 +189,15 @@ fn env(name: &str) -> Option<String> {
 /// Installs the global subscriber and propagator. Call once, inside the Tokio runtime.
 pub fn init(default_service: &str, format: LogFormat) -> Result<TelemetryGuard, TelemetryError> {
     check_sampler(env)?;
+    let following = match env("OTEL_TRACES_SAMPLER").as_deref() {
+        None
+        | Some("parentbased_always_on" | "parentbased_always_off" | "parentbased_traceidratio") => {
+            Following::Parent
+        }
+        Some("always_off") => Following::Nothing,
+        Some(_) => Following::Own,
+    };
+    let _ = SAMPLER.set(following);
     global::set_text_map_propagator(TraceContextPropagator::new());
     let service = env("OTEL_SERVICE_NAME").unwrap_or_else(|| default_service.to_owned());
     let resource = Resource::builder()
@@ -212,9 +259,16 @@ pub fn init(default_service: &str, format: LogFormat) -> Result<TelemetryGuard, 
             .with_threads(false)
             .with_tracked_inactivity(false)
             .with_context_activation(false)
-            .with_filter(otel_filter())
+            .with_filter(otel_filter().and(Route { untraced: false }))
     });
-    let id_layer = (!exporting).then(|| IdLayer::default().with_filter(otel_filter()));
+    // With an exporter, the id layer takes the spans of traces the sampler drops (see `Route`).
+    let id_layer = if exporting {
+        IdLayer::default()
+            .with_filter(otel_filter().and(Route { untraced: true }))
+            .boxed()
+    } else {
+        IdLayer::default().with_filter(otel_filter()).boxed()
+    };
     let fmt_layer = match format {
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()
@@ -273,7 +327,15 @@ where
                     .get::<SpanIds>()
                     .map(|i| (i.trace_id, i.flags))
             })
-            .unwrap_or_else(|| (self.ids.new_trace_id(), TraceFlags::SAMPLED));
+            .unwrap_or_else(|| {
+                // A new trace is sampled, unless its root is one the sampler drops.
+                let flags = if attrs.metadata().target() == UNTRACED {
+                    TraceFlags::default()
+                } else {
+                    TraceFlags::SAMPLED
+                };
+                (self.ids.new_trace_id(), flags)
+            });
         if let Some(span) = ctx.span(id) {
             span.extensions_mut().insert(SpanIds {
                 trace_id,
@@ -281,6 +343,45 @@ where
                 flags,
             });
         }
+    }
+}
+
+/// With an exporter, sends each span to the OpenTelemetry layer or to the id layer: a span whose
+/// target is [`UNTRACED`] to the id layer, any other span to the layer its current span went to,
+/// and a span without a current one to OpenTelemetry. Spans under an untraced one must therefore
+/// be created in its scope (contextually), which is how every span here is made.
+struct Route {
+    /// This filter is the id layer's.
+    untraced: bool,
+}
+
+impl<S> tracing_subscriber::layer::Filter<S> for Route
+where
+    S: tracing::Subscriber + for<'a> LookupSpan<'a>,
+{
+    fn enabled(
+        &self,
+        meta: &tracing::Metadata<'_>,
+        cx: &tracing_subscriber::layer::Context<'_, S>,
+    ) -> bool {
+        if !meta.is_span() {
+            return !self.untraced;
+        }
+        if meta.target() == UNTRACED {
+            return self.untraced;
+        }
+        match cx.current_span().id() {
+            // `cx` sees only the spans this filter let through.
+            Some(current) => cx.span(current).is_some(),
+            None => !self.untraced,
+        }
+    }
+
+    fn callsite_enabled(
+        &self,
+        _: &'static tracing::Metadata<'static>,
+    ) -> tracing::subscriber::Interest {
+        tracing::subscriber::Interest::sometimes()
     }
 }
 
@@ -297,9 +398,6 @@ fn with_ids<R>(span: &tracing::Span, f: impl FnOnce(&mut SpanIds) -> R) -> Optio
 
 /// The trace context of `span`, as propagated to the messages it sends.
 pub fn context(span: &tracing::Span) -> opentelemetry::Context {
-    if exporting() {
-        return OpenTelemetrySpanExt::context(span);
-    }
     match with_ids(span, |i| *i) {
         Some(i) => opentelemetry::Context::new().with_remote_span_context(SpanContext::new(
             i.trace_id,
@@ -308,22 +406,22 @@ pub fn context(span: &tracing::Span) -> opentelemetry::Context {
             false,
             TraceState::default(),
         )),
+        None if exporting() => OpenTelemetrySpanExt::context(span),
         None => opentelemetry::Context::new(),
     }
 }
 
 /// Makes the (remote) context `parent` the parent of `span`, before it has children.
 pub fn set_parent(span: &tracing::Span, parent: opentelemetry::Context) {
-    if exporting() {
-        let _ = OpenTelemetrySpanExt::set_parent(span, parent);
-        return;
-    }
     let remote = parent.span().span_context().clone();
-    if remote.is_valid() {
-        with_ids(span, |i| {
+    let has_ids = with_ids(span, |i| {
+        if remote.is_valid() {
             i.trace_id = remote.trace_id();
             i.flags = remote.trace_flags();
-        });
+        }
+    });
+    if has_ids.is_none() && exporting() {
+        let _ = OpenTelemetrySpanExt::set_parent(span, parent);
     }
 }
 

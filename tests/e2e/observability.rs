@@ -469,11 +469,45 @@ async fn the_standard_sampler_variables_decide_which_sagas_are_exported() {
     let stack = Stack::start_with(opts).await;
     let tea = product("tea");
     stack.set_stock(&tea, 10).await;
+    let nats = stack.nats_client().await;
+    let commands = nats.subscribe("saga.>").await.unwrap();
+    let events = nats.subscribe("orders.>").await.unwrap();
+    let mut messages = futures_util::stream::select(commands, events);
 
     let unsampled = stack.create_order("jo", &[(&tea, 1, 10)]).await;
     let order = stack.wait_terminal(&unsampled).await;
     assert_eq!(order["status"], "shipped");
     let unsampled_trace = order["trace_id"].as_str().expect("trace_id").to_owned();
+    // Not exported, yet every message of the saga carries its trace, unsampled, each under a
+    // span id of its own.
+    let mut seen: BTreeMap<String, String> = BTreeMap::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while seen.len() < 8 {
+        let msg = tokio::time::timeout_at(deadline, futures_util::StreamExt::next(&mut messages))
+            .await
+            .unwrap_or_else(|_| panic!("8 messages of the saga expected, saw {seen:#?}"))
+            .unwrap();
+        let Some(headers) = msg.headers else { continue };
+        if headers.get("Saga-Id").map(|v| v.as_str()) != Some(unsampled.as_str()) {
+            continue;
+        }
+        let parent = headers
+            .get("traceparent")
+            .map(|v| v.as_str().to_owned())
+            .unwrap_or_default();
+        seen.insert(msg.subject.to_string(), parent);
+    }
+    let span_ids: BTreeSet<&str> = seen
+        .values()
+        .map(|p| {
+            let parts: Vec<&str> = p.split('-').collect();
+            assert_eq!(parts.len(), 4, "{seen:#?}");
+            assert_eq!(parts[1], unsampled_trace, "{seen:#?}");
+            assert_eq!(parts[3], "00", "{seen:#?}");
+            parts[2]
+        })
+        .collect();
+    assert_eq!(span_ids.len(), 8, "{seen:#?}");
 
     let sampled_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
     let r = stack

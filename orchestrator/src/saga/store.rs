@@ -1367,19 +1367,22 @@ const VIEW_SELECT_BY_ID: &str = "select order_id, customer_id, items, total_cent
 
 /// The span of one saga transition; `from`, `to` and the status are recorded once known.
 fn transition_span(order_id: Uuid, event: &'static str, parent: &tracing::Span) -> tracing::Span {
-    let span = tracing::info_span!(
-        parent: parent,
-        "saga transition",
-        otel.name = tracing::field::Empty,
-        saga.id = %order_id,
-        order.id = %order_id,
-        saga.event = event,
-        saga.state.from = tracing::field::Empty,
-        saga.state.to = tracing::field::Empty,
-        otel.status_code = tracing::field::Empty,
-        otel.status_description = tracing::field::Empty,
-        saga_id = %order_id,
-    );
+    // Created in the parent's scope rather than with an explicit parent: the parent's scope is
+    // what routes a span to OpenTelemetry or to ids only (`telemetry::UNTRACED`).
+    let span = parent.in_scope(|| {
+        tracing::info_span!(
+            "saga transition",
+            otel.name = tracing::field::Empty,
+            saga.id = %order_id,
+            order.id = %order_id,
+            saga.event = event,
+            saga.state.from = tracing::field::Empty,
+            saga.state.to = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+            otel.status_description = tracing::field::Empty,
+            saga_id = %order_id,
+        )
+    });
     saga_shared_events::telemetry::name_span(&span, || format!("saga {event}"));
     span
 }

@@ -383,6 +383,12 @@ where
     ) -> tracing::subscriber::Interest {
         tracing::subscriber::Interest::sometimes()
     }
+
+    // No level of its own: combined with the layer's level filter, that one's hint stands
+    // (without a hint the combination would have none, and every callsite would be asked).
+    fn max_level_hint(&self) -> Option<tracing_subscriber::filter::LevelFilter> {
+        Some(tracing_subscriber::filter::LevelFilter::TRACE)
+    }
 }
 
 /// Runs `f` on the ids [`IdLayer`] gave `span`.

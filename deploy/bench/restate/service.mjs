@@ -101,27 +101,27 @@ const shipping = restate.object({
 });
 
 // ---------------- orders: the saga orchestrator ----------------
-const orders = restate.object({
+// One saga for both shapes; `stepsOf(ctx, orderId)` says how each participant step is made.
+const ordersObject = (stepsOf) => restate.object({
   name: "orders",
   handlers: {
     // {items:[{productId, qty}], amountCents} -> {orderId, status, reason}
     run: async (ctx, order) => {
       const orderId = ctx.key;
+      const steps = stepsOf(ctx, orderId);
       ctx.set("order", order);
       const finish = (status, reason) => {
         ctx.set("status", status);
         return { orderId, status, reason };
       };
       const releaseAll = async (reserved) => {
-        for (const it of reserved) {
-          await ctx.objectClient(inventory, it.productId).release({ qty: it.qty });
-        }
+        for (const it of reserved) await steps.release(it);
       };
 
       // (a) reserve inventory, line by line
       const reserved = [];
       for (const it of order.items) {
-        const r = await ctx.objectClient(inventory, it.productId).reserve({ qty: it.qty });
+        const r = await steps.reserve(it);
         if (!r.ok) {
           await releaseAll(reserved);
           return finish("cancelled", "out_of_stock");
@@ -130,16 +130,16 @@ const orders = restate.object({
       }
 
       // (b) charge payment
-      const p = await ctx.objectClient(payment, orderId).charge({ amountCents: order.amountCents });
+      const p = await steps.charge(order.amountCents);
       if (!p.ok) {
         await releaseAll(reserved);
         return finish("cancelled", "payment_declined");
       }
 
       // (c) ship
-      const s = await ctx.objectClient(shipping, orderId).ship({ items: order.items });
+      const s = await steps.ship(order.items);
       if (!s.ok) {
-        await ctx.objectClient(payment, orderId).refund();
+        await steps.refund();
         await releaseAll(reserved);
         return finish("cancelled", "shipping_failed");
       }
@@ -152,6 +152,14 @@ const orders = restate.object({
   },
 });
 
+// SHAPE=objects: every step is an invocation of a participant's Virtual Object.
+const orders = ordersObject((ctx, orderId) => ({
+  reserve: (it) => ctx.objectClient(inventory, it.productId).reserve({ qty: it.qty }),
+  release: (it) => ctx.objectClient(inventory, it.productId).release({ qty: it.qty }),
+  charge: (amountCents) => ctx.objectClient(payment, orderId).charge({ amountCents }),
+  refund: () => ctx.objectClient(payment, orderId).refund(),
+  ship: (items) => ctx.objectClient(shipping, orderId).ship({ items }),
+}));
 
 // =====================================================================================
 // SHAPE=inline: participants are plain in-process code; their calls are journaled by
@@ -207,56 +215,14 @@ const participants = {
   }),
 };
 
-const ordersInline = restate.object({
-  name: "orders",
-  handlers: {
-    // {items:[{productId, qty}], amountCents} -> {orderId, status, reason}
-    run: async (ctx, order) => {
-      const orderId = ctx.key;
-      ctx.set("order", order);
-      const finish = (status, reason) => {
-        ctx.set("status", status);
-        return { orderId, status, reason };
-      };
-      const releaseAll = async (reserved) => {
-        for (const it of reserved) {
-          await ctx.run("release", () => participants.release(orderId, it.productId, it.qty));
-        }
-      };
-
-      // (a) reserve inventory, line by line (one journaled side effect per line, like objects)
-      const reserved = [];
-      for (const it of order.items) {
-        const r = await ctx.run("reserve", () => participants.reserve(orderId, it.productId, it.qty));
-        if (!r.ok) {
-          await releaseAll(reserved);
-          return finish("cancelled", "out_of_stock");
-        }
-        reserved.push(it);
-      }
-
-      // (b) charge payment
-      const p = await ctx.run("charge", () => participants.charge(orderId, order.amountCents));
-      if (!p.ok) {
-        await releaseAll(reserved);
-        return finish("cancelled", "payment_declined");
-      }
-
-      // (c) ship
-      const s = await ctx.run("ship", () => participants.ship(orderId, order.items));
-      if (!s.ok) {
-        await ctx.run("refund", () => participants.refund(orderId));
-        await releaseAll(reserved);
-        return finish("cancelled", "shipping_failed");
-      }
-      return finish("shipped", null);
-    },
-    status: restate.handlers.object.shared(async (ctx) => ({
-      orderId: ctx.key,
-      status: (await ctx.get("status")) ?? null,
-    })),
-  },
-});
+// One journaled side effect per step (per line for reserve and release, as in objects).
+const ordersInline = ordersObject((ctx, orderId) => ({
+  reserve: (it) => ctx.run("reserve", () => participants.reserve(orderId, it.productId, it.qty)),
+  release: (it) => ctx.run("release", () => participants.release(orderId, it.productId, it.qty)),
+  charge: (amountCents) => ctx.run("charge", () => participants.charge(orderId, amountCents)),
+  refund: () => ctx.run("refund", () => participants.refund(orderId)),
+  ship: (items) => ctx.run("ship", () => participants.ship(orderId, items)),
+}));
 
 // Plain reads/writes of the in-process participant state (used by the driver only).
 const stockview = restate.service({

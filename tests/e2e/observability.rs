@@ -32,10 +32,94 @@ fn trace_spans(rx: &Receiver, trace_id: &str) -> Vec<Span> {
 
 /// Whether every span's parent is among the spans (a root has none).
 fn parents_known(spans: &[Span]) -> bool {
+    parents_known_under(spans, "")
+}
+
+/// Whether every span's parent is among the spans or is `outside` (the caller's span id for a
+/// trace a caller started; empty for a root).
+fn parents_known_under(spans: &[Span], outside: &str) -> bool {
     let ids: BTreeSet<&str> = spans.iter().map(|s| s.span_id.as_str()).collect();
     spans
         .iter()
-        .all(|s| s.parent_span_id.is_empty() || ids.contains(s.parent_span_id.as_str()))
+        .all(|s| s.parent_span_id == outside || ids.contains(s.parent_span_id.as_str()))
+}
+
+type Messages = futures_util::stream::Select<async_nats::Subscriber, async_nats::Subscriber>;
+
+/// Every command, reply and event from now on.
+async fn saga_messages(stack: &Stack) -> Messages {
+    let nats = stack.nats_client().await;
+    let commands = nats.subscribe("saga.>").await.unwrap();
+    let events = nats.subscribe("orders.>").await.unwrap();
+    futures_util::stream::select(commands, events)
+}
+
+/// The trace id, span id and flags of the `traceparent` of each of the saga's eight messages
+/// (three commands, three replies, the created and the completed event), by subject.
+async fn traceparents(
+    messages: &mut Messages,
+    saga_id: &str,
+) -> BTreeMap<String, (String, String, String)> {
+    use futures_util::StreamExt;
+    let mut seen = BTreeMap::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while seen.len() < 8 {
+        let msg = tokio::time::timeout_at(deadline, messages.next())
+            .await
+            .unwrap_or_else(|_| panic!("8 messages of the saga expected, saw {seen:#?}"))
+            .unwrap();
+        let Some(headers) = msg.headers else { continue };
+        if headers.get("Saga-Id").map(|v| v.as_str()) != Some(saga_id) {
+            continue;
+        }
+        let parent = headers
+            .get("traceparent")
+            .map(|v| v.as_str().to_owned())
+            .unwrap_or_default();
+        let parts: Vec<&str> = parent.split('-').collect();
+        assert_eq!(parts.len(), 4, "{} has traceparent {parent:?}", msg.subject);
+        seen.insert(
+            msg.subject.to_string(),
+            (
+                parts[1].to_owned(),
+                parts[2].to_owned(),
+                parts[3].to_owned(),
+            ),
+        );
+    }
+    seen
+}
+
+/// Every message carries `trace`, unsampled, each under a span id of its own.
+fn assert_unsampled(seen: &BTreeMap<String, (String, String, String)>, trace: &str) {
+    for (subject, (trace_id, _, flags)) in seen {
+        assert_eq!(trace_id, trace, "{subject}");
+        assert_eq!(flags, "00", "{subject}: {seen:#?}");
+    }
+    let span_ids: BTreeSet<&str> = seen.values().map(|(_, s, _)| s.as_str()).collect();
+    assert_eq!(
+        span_ids.len(),
+        seen.len(),
+        "one producer span each: {seen:#?}"
+    );
+    assert!(!span_ids.contains("0000000000000000"));
+}
+
+/// Creates an order as a caller whose span is `traceparent`; returns its id.
+async fn post_traced_order(stack: &Stack, product: &str, traceparent: &str) -> String {
+    let r = stack
+        .http
+        .post(stack.url("orchestrator", "/orders"))
+        .header("traceparent", traceparent)
+        .json(&saga_e2e_tests::order_body("jo", &[(product, 1, 10)]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 202);
+    r.json::<serde_json::Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned()
 }
 
 /// The spans of one trace, once it is complete: every parent present, the expected number of
@@ -392,68 +476,15 @@ async fn a_collector_that_is_down_costs_no_saga() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_an_exporter_every_message_of_a_saga_carries_its_trace() {
-    use futures_util::StreamExt;
     // No OTLP endpoint: spans keep only their ids, and those must still propagate.
     let stack = Stack::start().await;
     let tea = product("tea");
     stack.set_stock(&tea, 10).await;
-    let nats = stack.nats_client().await;
-    let commands = nats.subscribe("saga.>").await.unwrap();
-    let events = nats.subscribe("orders.>").await.unwrap();
-    let mut messages = futures_util::stream::select(commands, events);
+    let mut messages = saga_messages(&stack).await;
     let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
-    let r = stack
-        .http
-        .post(stack.url("orchestrator", "/orders"))
-        // Not sampled by the caller: the decision travels with the ids.
-        .header("traceparent", format!("00-{trace}-00f067aa0ba902b7-00"))
-        .json(&saga_e2e_tests::order_body("jo", &[(&tea, 1, 10)]))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 202);
-    let id = r.json::<serde_json::Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    // Three commands, three replies, the created and the completed event.
-    let mut seen: BTreeMap<String, (String, String, String)> = BTreeMap::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while seen.len() < 8 {
-        let msg = tokio::time::timeout_at(deadline, messages.next())
-            .await
-            .unwrap_or_else(|_| panic!("8 messages of the saga expected, saw {seen:#?}"))
-            .unwrap();
-        let Some(headers) = msg.headers else { continue };
-        if headers.get("Saga-Id").map(|v| v.as_str()) != Some(id.as_str()) {
-            continue;
-        }
-        let parent = headers
-            .get("traceparent")
-            .map(|v| v.as_str().to_owned())
-            .unwrap_or_default();
-        let parts: Vec<&str> = parent.split('-').collect();
-        assert_eq!(parts.len(), 4, "{} has traceparent {parent:?}", msg.subject);
-        seen.insert(
-            msg.subject.to_string(),
-            (
-                parts[1].to_owned(),
-                parts[2].to_owned(),
-                parts[3].to_owned(),
-            ),
-        );
-    }
-    for (subject, (trace_id, _, flags)) in &seen {
-        assert_eq!(trace_id, trace, "{subject}");
-        assert_eq!(flags, "00", "{subject}: {seen:#?}");
-    }
-    let span_ids: BTreeSet<&str> = seen.values().map(|(_, s, _)| s.as_str()).collect();
-    assert_eq!(
-        span_ids.len(),
-        seen.len(),
-        "one producer span each: {seen:#?}"
-    );
-    assert!(!span_ids.contains("0000000000000000"));
+    // Not sampled by the caller: the decision travels with the ids.
+    let id = post_traced_order(&stack, &tea, &format!("00-{trace}-00f067aa0ba902b7-00")).await;
+    assert_unsampled(&traceparents(&mut messages, &id).await, trace);
     let order = stack.wait_terminal(&id).await;
     assert_eq!(order["status"], "shipped");
     assert_eq!(order["trace_id"], trace);
@@ -469,73 +500,32 @@ async fn the_standard_sampler_variables_decide_which_sagas_are_exported() {
     let stack = Stack::start_with(opts).await;
     let tea = product("tea");
     stack.set_stock(&tea, 10).await;
-    let nats = stack.nats_client().await;
-    let commands = nats.subscribe("saga.>").await.unwrap();
-    let events = nats.subscribe("orders.>").await.unwrap();
-    let mut messages = futures_util::stream::select(commands, events);
+    let mut messages = saga_messages(&stack).await;
 
     let unsampled = stack.create_order("jo", &[(&tea, 1, 10)]).await;
     let order = stack.wait_terminal(&unsampled).await;
     assert_eq!(order["status"], "shipped");
     let unsampled_trace = order["trace_id"].as_str().expect("trace_id").to_owned();
-    // Not exported, yet every message of the saga carries its trace, unsampled, each under a
-    // span id of its own.
-    let mut seen: BTreeMap<String, String> = BTreeMap::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while seen.len() < 8 {
-        let msg = tokio::time::timeout_at(deadline, futures_util::StreamExt::next(&mut messages))
-            .await
-            .unwrap_or_else(|_| panic!("8 messages of the saga expected, saw {seen:#?}"))
-            .unwrap();
-        let Some(headers) = msg.headers else { continue };
-        if headers.get("Saga-Id").map(|v| v.as_str()) != Some(unsampled.as_str()) {
-            continue;
-        }
-        let parent = headers
-            .get("traceparent")
-            .map(|v| v.as_str().to_owned())
-            .unwrap_or_default();
-        seen.insert(msg.subject.to_string(), parent);
-    }
-    let span_ids: BTreeSet<&str> = seen
-        .values()
-        .map(|p| {
-            let parts: Vec<&str> = p.split('-').collect();
-            assert_eq!(parts.len(), 4, "{seen:#?}");
-            assert_eq!(parts[1], unsampled_trace, "{seen:#?}");
-            assert_eq!(parts[3], "00", "{seen:#?}");
-            parts[2]
-        })
-        .collect();
-    assert_eq!(span_ids.len(), 8, "{seen:#?}");
+    // Not exported, yet every message of the saga carries its trace.
+    assert_unsampled(
+        &traceparents(&mut messages, &unsampled).await,
+        &unsampled_trace,
+    );
 
     let sampled_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
-    let r = stack
-        .http
-        .post(stack.url("orchestrator", "/orders"))
-        .header(
-            "traceparent",
-            format!("00-{sampled_trace}-00f067aa0ba902b7-01"),
-        )
-        .json(&saga_e2e_tests::order_body("jo", &[(&tea, 1, 10)]))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 202);
-    let id = r.json::<serde_json::Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = post_traced_order(
+        &stack,
+        &tea,
+        &format!("00-{sampled_trace}-00f067aa0ba902b7-01"),
+    )
+    .await;
     assert_eq!(stack.wait_terminal(&id).await["status"], "shipped");
     // The caller's sampled trace is exported by all four services, under the caller's span.
     let mut spans = Vec::new();
     wait_until(Duration::from_secs(30), "the sampled trace", || {
         spans = trace_spans(&rx, sampled_trace);
         let services: BTreeSet<&str> = spans.iter().map(|s| s.service.as_str()).collect();
-        let ids: BTreeSet<&str> = spans.iter().map(|s| s.span_id.as_str()).collect();
-        let parents_known = spans.iter().all(|s| {
-            s.parent_span_id == "00f067aa0ba902b7" || ids.contains(s.parent_span_id.as_str())
-        });
+        let parents_known = parents_known_under(&spans, "00f067aa0ba902b7");
         let shipped = spans
             .iter()
             .any(|s| s.attributes.get("saga.state.to").map(String::as_str) == Some("shipped"));

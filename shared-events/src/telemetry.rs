@@ -116,10 +116,11 @@ const SAMPLERS: [&str; 6] = [
 ];
 
 /// Checks the standard sampler variables, which the SDK reads on its own and, when they are
-/// wrong, replaces with sampling every trace after a warning nobody sees.
-fn check_sampler(var: impl Fn(&str) -> Option<String>) -> Result<(), TelemetryError> {
+/// wrong, replaces with sampling every trace after a warning nobody sees; returns whom the
+/// sampler follows.
+fn check_sampler(var: impl Fn(&str) -> Option<String>) -> Result<Following, TelemetryError> {
     let Some(sampler) = var("OTEL_TRACES_SAMPLER") else {
-        return Ok(());
+        return Ok(Following::Parent);
     };
     if !SAMPLERS.contains(&sampler.as_str()) {
         return Err(TelemetryError::Sampler {
@@ -134,7 +135,11 @@ fn check_sampler(var: impl Fn(&str) -> Option<String>) -> Result<(), TelemetryEr
             reason: format!("the share of new traces {sampler} samples: {reason}"),
         })?;
     }
-    Ok(())
+    Ok(match sampler.as_str() {
+        "always_off" => Following::Nothing,
+        s if s.starts_with("parentbased_") => Following::Parent,
+        _ => Following::Own,
+    })
 }
 
 /// Flushes buffered spans when shut down.
@@ -188,16 +193,7 @@ fn env(name: &str) -> Option<String> {
 
 /// Installs the global subscriber and propagator. Call once, inside the Tokio runtime.
 pub fn init(default_service: &str, format: LogFormat) -> Result<TelemetryGuard, TelemetryError> {
-    check_sampler(env)?;
-    let following = match env("OTEL_TRACES_SAMPLER").as_deref() {
-        None
-        | Some("parentbased_always_on" | "parentbased_always_off" | "parentbased_traceidratio") => {
-            Following::Parent
-        }
-        Some("always_off") => Following::Nothing,
-        Some(_) => Following::Own,
-    };
-    let _ = SAMPLER.set(following);
+    let _ = SAMPLER.set(check_sampler(env)?);
     global::set_text_map_propagator(TraceContextPropagator::new());
     let service = env("OTEL_SERVICE_NAME").unwrap_or_else(|| default_service.to_owned());
     let resource = Resource::builder()
@@ -461,14 +457,30 @@ mod tests {
                     .map(|(_, v)| (*v).to_owned())
             }
         };
-        assert!(check_sampler(with(&[])).is_ok());
-        assert!(check_sampler(with(&[("OTEL_TRACES_SAMPLER", "parentbased_always_off")])).is_ok());
-        assert!(
+        assert_eq!(check_sampler(with(&[])).ok(), Some(Following::Parent));
+        assert_eq!(
+            check_sampler(with(&[("OTEL_TRACES_SAMPLER", "parentbased_always_off")])).ok(),
+            Some(Following::Parent)
+        );
+        assert_eq!(
             check_sampler(with(&[
                 ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio"),
                 ("OTEL_TRACES_SAMPLER_ARG", "0.1"),
             ]))
-            .is_ok()
+            .ok(),
+            Some(Following::Parent)
+        );
+        assert_eq!(
+            check_sampler(with(&[("OTEL_TRACES_SAMPLER", "always_off")])).ok(),
+            Some(Following::Nothing)
+        );
+        assert_eq!(
+            check_sampler(with(&[
+                ("OTEL_TRACES_SAMPLER", "traceidratio"),
+                ("OTEL_TRACES_SAMPLER_ARG", "0.5"),
+            ]))
+            .ok(),
+            Some(Following::Own)
         );
         let unknown = check_sampler(with(&[("OTEL_TRACES_SAMPLER", "parentbased_ratio")]))
             .unwrap_err()

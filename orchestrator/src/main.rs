@@ -2,7 +2,7 @@ use clap::Parser;
 
 use saga_orchestrator::config::Settings;
 use saga_orchestrator::startup::Application;
-use saga_shared_events::{http::shutdown_on_signal, telemetry};
+use saga_shared_events::{http::shutdown_on_signal, service, telemetry};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -16,9 +16,7 @@ async fn main() -> anyhow::Result<()> {
             .await
     }
     .await;
-    if let Err(e) = &result {
-        tracing::error!(error = %e, "orchestrator failed");
-    }
+    let result = service::ended("orchestrator", result);
     telemetry.shutdown().await;
     Ok(result?)
 }

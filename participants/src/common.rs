@@ -530,9 +530,7 @@ pub async fn main<D: Decide>(
         shutdown,
     )
     .await;
-    if let Err(e) = &result {
-        tracing::error!(error = %e, "{name} failed");
-    }
+    let result = saga_shared_events::service::ended(name, result);
     guard.shutdown().await;
     Ok(result?)
 }

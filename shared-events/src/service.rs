@@ -29,6 +29,9 @@ pub enum StartupError {
     /// Authentication settings.
     #[error(transparent)]
     Auth(#[from] crate::auth::AuthConfigError),
+    /// SIGTERM or Ctrl-C arrived while the service was still waiting for Postgres or NATS.
+    #[error("stopped by a signal before start-up finished")]
+    Stopped,
     /// The HTTP listener.
     #[error("HTTP_ADDR: cannot listen on {addr}: {source}")]
     Bind {
@@ -37,6 +40,22 @@ pub enum StartupError {
         /// Why.
         source: std::io::Error,
     },
+}
+
+/// How a service's run ended, logged: a signal that arrived during start-up is a clean stop,
+/// like one that arrives later, not a failure.
+pub fn ended(service: &str, result: Result<(), StartupError>) -> Result<(), StartupError> {
+    match result {
+        Err(StartupError::Stopped) => {
+            tracing::info!("{service} stopped before start-up finished");
+            Ok(())
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "{service} failed");
+            Err(e)
+        }
+        Ok(()) => Ok(()),
+    }
 }
 
 /// The connections and lifecycle of one service process.
@@ -93,27 +112,23 @@ fn harden(api: Router, limits: &HttpLimits) -> Router {
     )
 }
 
-impl Runtime {
-    /// Binds the HTTP listener (`HTTP_ADDR`, else `0.0.0.0:default_port`), then connects
-    /// everything a service needs; the database is created and migrated, the streams created or
-    /// updated.
-    pub async fn connect(
+/// What a service connects to before it can start.
+struct Backends {
+    pool: PgPool,
+    batch_pool: crate::db::BatchPool,
+    nats: async_nats::Client,
+    js: jetstream::Context,
+}
+
+impl Backends {
+    /// Postgres (database created and migrated) and NATS (streams created or updated), each
+    /// waited for up to a minute.
+    async fn connect(
         service: &'static str,
         common: &CommonArgs,
-        default_port: u16,
+        opts: sqlx::postgres::PgConnectOptions,
         migrator: &Migrator,
-        shutdown: CancellationToken,
     ) -> Result<Self, StartupError> {
-        let auth = crate::auth::Authenticator::from_args(&common.auth)?;
-        let url = common.database_url_or_default(service);
-        tracing::info!(service, settings = %common.describe(service), "starting");
-        // Before the slow steps: a port conflict should stop the start in milliseconds, not after
-        // a minute of waiting for Postgres or a JetStream leader.
-        let addr = common.http_addr_or(default_port);
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|source| StartupError::Bind { addr, source })?;
-        let opts = crate::db::options(&url, service)?;
         let wait = Duration::from_secs(60);
         let pool = crate::db::connect(opts, migrator, common.db_pool_size, wait).await?;
         let batches = common
@@ -136,6 +151,48 @@ impl Runtime {
                 Err(e) => return Err(e.into()),
             }
         }
+        Ok(Backends {
+            pool,
+            batch_pool,
+            nats,
+            js,
+        })
+    }
+}
+
+impl Runtime {
+    /// Binds the HTTP listener (`HTTP_ADDR`, else `0.0.0.0:default_port`), then connects
+    /// everything a service needs; the database is created and migrated, the streams created or
+    /// updated.
+    pub async fn connect(
+        service: &'static str,
+        common: &CommonArgs,
+        default_port: u16,
+        migrator: &Migrator,
+        shutdown: CancellationToken,
+    ) -> Result<Self, StartupError> {
+        let auth = crate::auth::Authenticator::from_args(&common.auth)?;
+        let url = common.database_url_or_default(service);
+        tracing::info!(service, settings = %common.describe(service), "starting");
+        // Before the slow steps: a port conflict should stop the start in milliseconds, not after
+        // a minute of waiting for Postgres or a JetStream leader.
+        let addr = common.http_addr_or(default_port);
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartupError::Bind { addr, source })?;
+        let opts = crate::db::options(&url, service)?;
+        // The signal handler replaces the default action of SIGTERM, so the waits for Postgres
+        // and NATS below (up to a minute each) must give way to it themselves.
+        let Backends {
+            pool,
+            batch_pool,
+            nats,
+            js,
+        } = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return Err(StartupError::Stopped),
+            connected = Backends::connect(service, common, opts, migrator) => connected?,
+        };
         let outbox = Outbox::new(
             pool.clone(),
             js.clone(),

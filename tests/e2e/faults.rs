@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use sqlx::Connection;
+
 use saga_e2e_tests::pgcut::CommitCutter;
 use saga_e2e_tests::{Stack, StackOptions, binary, order_body, product};
 
@@ -555,4 +557,82 @@ async fn orders_are_accepted_at_once_while_nats_is_down_and_finish_once_it_is_ba
         "{outcomes:?}"
     );
     stack.assert_audit_clean(&ids, &products, 10_000).await;
+}
+
+/// A service still waiting for Postgres or NATS at start-up (up to a minute each) stops at
+/// SIGTERM at once and exits 0, as it does later: an orchestrator that cannot reach Postgres,
+/// and a payment service that has its database but no broker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_a_service_still_waiting_for_postgres_or_nats() {
+    let logs = tempfile::tempdir().unwrap();
+    let unreachable_nats = format!("nats://127.0.0.1:{}", saga_e2e_tests::free_port());
+    let db = format!(
+        "e2e_{}_payment",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    );
+    let cases = [
+        (
+            "orchestrator",
+            format!(
+                "postgres://postgres@127.0.0.1:{}/nowhere",
+                saga_e2e_tests::free_port()
+            ),
+            "Postgres not reachable yet",
+        ),
+        (
+            "payment",
+            saga_e2e_tests::db_url_on(&saga_e2e_tests::admin_db_url(), &db),
+            "NATS not reachable yet",
+        ),
+    ];
+    for (name, database_url, waiting) in cases {
+        let log = logs.path().join(format!("{name}.log"));
+        let file = std::fs::File::create(&log).unwrap();
+        let mut child = tokio::process::Command::new(binary(name))
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .env("DATABASE_URL", &database_url)
+            .env("NATS_URL", &unreachable_nats)
+            .env(
+                "HTTP_ADDR",
+                format!("127.0.0.1:{}", saga_e2e_tests::free_port()),
+            )
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let read = || std::fs::read_to_string(&log).unwrap_or_default();
+        saga_e2e_tests::wait_until(Duration::from_secs(30), waiting, || {
+            let seen = read().contains(waiting);
+            async move { seen }
+        })
+        .await;
+        let pid = child.id().unwrap().to_string();
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status();
+        assert!(sent.is_ok_and(|s| s.success()), "kill -TERM {pid}");
+        let status = tokio::time::timeout(Duration::from_secs(5), child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("{name} still waiting 5 s after SIGTERM:\n{}", read()))
+            .unwrap();
+        assert_eq!(status.code(), Some(0), "{name}:\n{}", read());
+        assert!(
+            read().contains(&format!("{name} stopped before start-up finished")),
+            "{name}:\n{}",
+            read()
+        );
+    }
+    let mut admin = sqlx::PgConnection::connect(&saga_e2e_tests::admin_db_url())
+        .await
+        .unwrap();
+    // `db` is ours: a fixed prefix and hex digits.
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "drop database if exists {db} with (force)"
+    )))
+    .execute(&mut admin)
+    .await
+    .unwrap();
 }

@@ -636,3 +636,25 @@ async fn sigterm_stops_a_service_still_waiting_for_postgres_or_nats() {
     .await
     .unwrap();
 }
+
+/// A durable consumer that disappears under a running service (deleted by hand, or lost by the
+/// broker) stops the server's heartbeats: the service notices within seconds, creates the
+/// consumer again and takes up the commands that waited in the stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_deleted_under_a_service_is_created_again_and_the_saga_finishes() {
+    let stack = Stack::start().await;
+    let js = stack.jetstream().await;
+    let commands = js.get_stream("SAGA_CMD").await.unwrap();
+    commands.delete_consumer("payment").await.unwrap();
+    let fig = product("fig");
+    stack.set_stock(&fig, 5).await;
+    let id = stack.create_order("ivy", &[(&fig, 1, 100)]).await;
+    let order = stack.wait_terminal(&id).await;
+    assert_eq!(order["status"], "shipped", "{order}");
+    let renewed = stack.metrics("payment").await;
+    let renewed = renewed
+        .get(r#"consumer_pulls_renewed_total{consumer="payment"}"#)
+        .copied()
+        .unwrap_or_default();
+    assert!(renewed >= 1.0, "payment pulled anew {renewed} times");
+}

@@ -17,12 +17,21 @@ const TICKS: f64 = 100.0;
 /// CPU seconds of every watched process, by pid: `(kind, seconds)`.
 pub type Snapshot = BTreeMap<u32, (&'static str, f64)>;
 
-/// CPU seconds of every watched process. Postgres includes the reaped children of the
-/// postmaster, so backends that exit during a run still count.
+/// The load generator: this process only, as other `sagactl` processes are not this run's.
+const OWN: &str = "sagactl";
+
+/// CPU seconds of every watched process, and of this one (the load generator shares the
+/// machine). Postgres includes the reaped children of the postmaster, so backends that exit
+/// during a run still count.
 pub fn snapshot() -> Snapshot {
     let mut out = Snapshot::new();
+    let own = std::process::id();
     for (pid, comm, stat) in processes() {
-        let Some(kind) = WATCHED.iter().find(|w| comm == **w) else {
+        let kind = if pid == own {
+            OWN
+        } else if let Some(kind) = WATCHED.iter().find(|w| comm == **w) {
+            *kind
+        } else {
             continue;
         };
         // Fields after the ")" of comm: state is index 0, utime 11, stime 12, cutime 13, cstime 14.
@@ -34,7 +43,7 @@ pub fn snapshot() -> Snapshot {
                 .unwrap_or(0.0)
         };
         let mut ticks = num(11) + num(12);
-        if *kind == "postgres" {
+        if kind == "postgres" {
             ticks += num(13) + num(14);
         }
         out.insert(pid, (kind, ticks / TICKS));
@@ -68,8 +77,9 @@ pub fn memory_mb() -> BTreeMap<String, f64> {
         let Ok(comm) = std::fs::read_to_string(path.join("comm")) else {
             continue;
         };
-        let comm = comm.trim();
-        if !WATCHED.contains(&comm) {
+        let own = entry.file_name().to_str() == Some(&std::process::id().to_string());
+        let comm = if own { OWN } else { comm.trim() };
+        if !own && !WATCHED.contains(&comm) {
             continue;
         }
         let pss = std::fs::read_to_string(path.join("smaps_rollup"))
@@ -132,6 +142,13 @@ mod tests {
             Some(2048.0)
         );
         assert_eq!(kb_field(rollup, "VmRSS:"), None);
+    }
+
+    #[test]
+    fn the_load_generator_counts_itself_whatever_its_name() {
+        let own = snapshot().remove(&std::process::id());
+        assert_eq!(own.map(|(kind, _)| kind), Some(OWN));
+        assert!(memory_mb().get(OWN).is_some_and(|mb| *mb > 0.0));
     }
 
     #[test]

@@ -25,13 +25,8 @@ const OWN: &str = "sagactl";
 /// during a run still count.
 pub fn snapshot() -> Snapshot {
     let mut out = Snapshot::new();
-    let own = std::process::id();
     for (pid, comm, stat) in processes() {
-        let kind = if pid == own {
-            OWN
-        } else if let Some(kind) = WATCHED.iter().find(|w| comm == **w) {
-            *kind
-        } else {
+        let Some(kind) = kind(pid, &comm) else {
             continue;
         };
         // Fields after the ")" of comm: state is index 0, utime 11, stime 12, cutime 13, cstime 14.
@@ -69,19 +64,11 @@ pub fn diff(before: &Snapshot, after: &Snapshot) -> BTreeMap<String, f64> {
 /// cannot be read (another user's process), the resident size stands in.
 pub fn memory_mb() -> BTreeMap<String, f64> {
     let mut out = BTreeMap::new();
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return out;
-    };
-    for entry in dir.flatten() {
-        let path = entry.path();
-        let Ok(comm) = std::fs::read_to_string(path.join("comm")) else {
+    for (pid, comm, _) in processes() {
+        let Some(kind) = kind(pid, &comm) else {
             continue;
         };
-        let own = entry.file_name().to_str() == Some(&std::process::id().to_string());
-        let comm = if own { OWN } else { comm.trim() };
-        if !own && !WATCHED.contains(&comm) {
-            continue;
-        }
+        let path = std::path::Path::new("/proc").join(pid.to_string());
         let pss = std::fs::read_to_string(path.join("smaps_rollup"))
             .ok()
             .and_then(|t| kb_field(&t, "Pss:"));
@@ -90,9 +77,17 @@ pub fn memory_mb() -> BTreeMap<String, f64> {
                 .ok()
                 .and_then(|t| kb_field(&t, "VmRSS:"))
         });
-        *out.entry(comm.to_string()).or_default() += kb.unwrap_or(0.0) / 1024.0;
+        *out.entry(kind.to_string()).or_default() += kb.unwrap_or(0.0) / 1024.0;
     }
     out
+}
+
+/// What a process counts as: this one is the load generator, the others by their name.
+fn kind(pid: u32, comm: &str) -> Option<&'static str> {
+    if pid == std::process::id() {
+        return Some(OWN);
+    }
+    WATCHED.iter().find(|w| comm == **w).copied()
 }
 
 /// The kB value of the line starting with `name` in a /proc file.

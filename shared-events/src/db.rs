@@ -98,13 +98,13 @@ pub const PINNED_PLANS: [(&str, &str); 2] = [
     ("enable_seqscan", "off"),
 ];
 
-/// Connections to the database of `pool` for batch statements only (the hot path's, and the
-/// outbox clean-up's delete), planned once ([`PINNED_PLANS`]), at most `max_connections` at once. They are opened in the background and
-/// kept, so no batch waits for a new backend, and they are not tested between batches that
-/// follow each other: sqlx's pool pings a connection as it returns, a Postgres round trip on
-/// every batch for both processes. A connection goes back only when its batch ended well
-/// ([`BatchConnection::release`]); after an error or a cancelled batch it is closed, and the next
-/// connection handed out is pinged first (Postgres may have restarted: the kept ones would all
+/// Connections to the database of `pool` for batch statements only (the hot path's, and the outbox
+/// clean-up's delete), planned once ([`PINNED_PLANS`]), at most `max_connections` at once. They are
+/// opened in the background and kept, so no batch waits for a new backend, and they are not tested
+/// between batches that follow each other: sqlx's pool pings a connection as it returns, a Postgres
+/// round trip on every batch for both processes. A connection goes back only when its batch ended
+/// well ([`BatchConnection::release`]); after an error or a cancelled batch it is closed, and the
+/// next connection handed out is pinged first (Postgres may have restarted: the kept ones would all
 /// fail). So is one that sat idle for a while. Opening a connection is retried until the acquire
 /// timeout, as sqlx's pool does.
 #[derive(Clone)]

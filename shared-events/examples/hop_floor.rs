@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::{self, consumer, stream};
 use futures_util::StreamExt;
 use saga_shared_events::db::BatchPool;
+use saga_shared_events::pull::{Pull, PullError, PullOptions};
 
 const PARTICIPANTS: [&str; 3] = ["inventory", "payment", "shipping"];
 const STEP: &str = "insert into floor_step (saga, step) values ($1, $2)";
@@ -76,16 +77,20 @@ async fn connect_db(url: &str, name: &str) -> Result<BatchPool, Error> {
     Ok(saga_shared_events::db::batch_pool(&pool, 1))
 }
 
-async fn pull(js: &jetstream::Context, durable: &str) -> Result<consumer::pull::Stream, Error> {
-    let consumer: consumer::PullConsumer = js.get_consumer_from_stream(durable, "FLOOR").await?;
-    // The same pull settings as the services' consumers (`shared-events::consumer::run`).
-    Ok(consumer
-        .stream()
-        .max_messages_per_batch(128)
-        .heartbeat(Duration::from_secs(5))
-        .expires(Duration::from_secs(30))
-        .messages()
-        .await?)
+async fn pull(
+    js: &jetstream::Context,
+    durable: &str,
+) -> Result<impl futures_util::Stream<Item = Result<jetstream::Message, PullError>>, Error> {
+    // The same pull as the services' consumers (`shared-events::consumer::run`).
+    let options = PullOptions {
+        batch: 128,
+        expires: Duration::from_secs(30),
+        heartbeat: Duration::from_secs(1),
+    };
+    Ok(Pull::start(js, "FLOOR", durable, options)
+        .await?
+        .into_stream()
+        .boxed())
 }
 
 /// One step: commit a row, then publish the next message and acknowledge the one that caused it

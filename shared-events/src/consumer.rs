@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::HeaderMap;
-use async_nats::jetstream::consumer::pull::MessagesErrorKind;
 use async_nats::jetstream::{self, AckKind};
 use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
@@ -19,6 +18,7 @@ use crate::db::BatchPool;
 use crate::nats::{ConsumerSpec, NatsError};
 use crate::outbox::{Outbox, OutgoingMessage};
 use crate::propagation;
+use crate::pull::{Pull, PullError, PullOptions};
 
 /// Largest payload a consumer decodes; larger ones are dead-lettered unread. The biggest valid
 /// message (100 order lines) is a few KiB.
@@ -188,9 +188,8 @@ async fn commit_together<G: GroupCommit>(
 }
 
 /// How often the broker reports a pull request it holds with no message to deliver. Two missed in
-/// a row mean it lost the request and the consumer pulls anew: a lost pull stalls a service for
-/// twice this (one seen on a single node mid-run at 256 in flight stalled every saga for 10 s
-/// with 5 s), and an idle consumer costs the broker one small message per interval.
+/// a row mean it holds none of ours and the consumer pulls anew: a lost pull stalls a service for
+/// twice this, and an idle consumer costs the broker one small message per interval.
 const PULL_HEARTBEAT: Duration = Duration::from_secs(1);
 
 /// Pulls from the durable consumer described by `spec` until `shutdown`, then lets the handlers
@@ -201,34 +200,29 @@ pub async fn run<H: Handler>(
     handler: Arc<H>,
     shutdown: CancellationToken,
 ) -> Result<(), NatsError> {
-    let mut consumer = spec.ensure(&js).await?;
+    spec.ensure(&js).await?;
     let spec = Arc::new(spec);
-    let mut stalled = false;
+    let options = PullOptions {
+        batch: spec.concurrency.max(1) * 2,
+        expires: Duration::from_secs(30),
+        heartbeat: PULL_HEARTBEAT,
+    };
+    let mut renew = false;
     while !shutdown.is_cancelled() {
-        if stalled {
-            // The server lost the pull request (seen on a cluster, sent before the consumer's
-            // interest reached the client's node): the client would wait for it forever. Make
-            // sure the consumer exists, then pull anew.
-            match spec.ensure(&js).await {
-                Ok(c) => consumer = c,
-                Err(e) => {
-                    tracing::warn!(error = %e, consumer = %spec.durable, "cannot recreate; retrying");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => break,
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                    }
+        if renew {
+            // The broker lost our request (seen on a cluster, and once on a single node) or the
+            // consumer is gone: make sure it exists, then pull anew.
+            if let Err(e) = spec.ensure(&js).await {
+                tracing::warn!(error = %e, consumer = %spec.durable, "cannot recreate; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
                 }
             }
+            renew = false;
         }
-        let messages = consumer
-            .stream()
-            .max_messages_per_batch(spec.concurrency.max(1) * 2)
-            .heartbeat(PULL_HEARTBEAT)
-            .expires(Duration::from_secs(30))
-            .messages()
-            .await;
-        let messages = match messages {
-            Ok(m) => m,
+        let pull = match Pull::start(&js, &spec.stream, &spec.durable, options).await {
+            Ok(p) => p,
             Err(e) => {
                 tracing::warn!(error = %e, consumer = %spec.durable, "cannot pull; retrying");
                 tokio::select! {
@@ -241,41 +235,31 @@ pub async fn run<H: Handler>(
         // handlers that batch); several batches run at once.
         let batch = spec.batch_size.max(1);
         let parallel = spec.concurrency.max(1).div_ceil(batch);
-        let heartbeat_missed = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let missed = heartbeat_missed.clone();
-        messages
+        let end = std::sync::Mutex::new(None::<PullError>);
+        pull.into_stream()
             .take_until(shutdown.cancelled())
-            .take_while(move |item| {
-                let lost =
-                    matches!(item, Err(e) if e.kind() == MessagesErrorKind::MissingHeartbeat);
-                missed.fetch_or(lost, std::sync::atomic::Ordering::Relaxed);
-                std::future::ready(!lost)
+            .filter_map(|item| {
+                std::future::ready(match item {
+                    Ok(msg) => Some(msg),
+                    Err(e) => {
+                        *end.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                        None
+                    }
+                })
             })
             .ready_chunks(batch)
-            .for_each_concurrent(parallel, |items| {
+            .for_each_concurrent(parallel, |msgs| {
                 let js = js.clone();
                 let spec = spec.clone();
                 let handler = handler.clone();
-                async move {
-                    let msgs: Vec<jetstream::Message> = items
-                        .into_iter()
-                        .filter_map(|item| match item {
-                            Ok(msg) => Some(msg),
-                            Err(e) => {
-                                tracing::debug!(error = %e, "pull stream error");
-                                None
-                            }
-                        })
-                        .collect();
-                    process(&js, &spec, handler.as_ref(), msgs).await
-                }
+                async move { process(&js, &spec, handler.as_ref(), msgs).await }
             })
             .await;
-        stalled = heartbeat_missed.load(std::sync::atomic::Ordering::Relaxed);
-        if stalled {
-            tracing::warn!(consumer = %spec.durable, "no heartbeat from the server; pulling anew");
+        if let Some(e) = end.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            tracing::warn!(error = %e, consumer = %spec.durable, "pull ended; pulling anew");
             metrics::counter!("consumer_pulls_renewed_total", "consumer" => spec.durable.clone())
                 .increment(1);
+            renew = true;
         }
     }
     Ok(())

@@ -15,6 +15,7 @@ pub mod inbox;
 pub mod nats;
 pub mod outbox;
 pub mod propagation;
+pub mod pull;
 pub mod service;
 pub mod telemetry;
 

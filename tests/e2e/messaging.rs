@@ -444,3 +444,73 @@ async fn stock_set_after_a_reservation_is_seen_by_the_next_one_whichever_way_it_
     );
     assert_eq!(stack.stock(&fig).await, (1, 5));
 }
+
+/// The shared pull counts what it asked for exactly: requests that expire with nothing to
+/// deliver neither end it nor leave it waiting for messages it never asked for, and a deleted
+/// consumer ends it at once so the service can create the consumer again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pull_survives_expired_requests_and_ends_when_its_consumer_is_deleted() {
+    use async_nats::jetstream::{consumer, stream};
+    use saga_shared_events::pull::{Pull, PullError, PullOptions};
+
+    let nats = saga_e2e_tests::Nats::start().await;
+    let js = async_nats::jetstream::new(nats.client().await);
+    let work = js
+        .create_stream(stream::Config {
+            name: "PULLTEST".into(),
+            subjects: vec!["pulltest.>".into()],
+            retention: stream::RetentionPolicy::WorkQueue,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    work.create_consumer(consumer::pull::Config {
+        durable_name: Some("t".into()),
+        ack_policy: consumer::AckPolicy::Explicit,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let options = PullOptions {
+        batch: 4,
+        expires: Duration::from_millis(300),
+        heartbeat: Duration::from_millis(100),
+    };
+    let mut pull = Pull::start(&js, "PULLTEST", "t", options).await.unwrap();
+
+    let mut next_n = 0;
+    for round in 0..2 {
+        for n in next_n..next_n + 50 {
+            js.publish(format!("pulltest.{n}"), n.to_string().into())
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
+        for n in next_n..next_n + 50 {
+            let msg = tokio::time::timeout(Duration::from_secs(5), pull.next())
+                .await
+                .unwrap_or_else(|_| panic!("round {round}: message {n} never came"))
+                .unwrap_or_else(|e| panic!("round {round}: the pull ended at {n}: {e}"));
+            assert_eq!(msg.subject.as_str(), format!("pulltest.{n}"));
+            msg.ack().await.unwrap();
+        }
+        next_n += 50;
+        // Nothing left: requests expire every 300 ms (the broker says how many each left
+        // undelivered) while heartbeats come every 100 ms; the pull must wait on, asking anew.
+        let idle = tokio::time::timeout(Duration::from_millis(1500), pull.next()).await;
+        assert!(
+            idle.is_err(),
+            "round {round}: an idle pull must wait: {idle:?}"
+        );
+    }
+
+    work.delete_consumer("t").await.unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(2), pull.next())
+        .await
+        .expect("a pull whose consumer was deleted must end");
+    assert!(
+        matches!(ended, Err(PullError::Ended(_) | PullError::Silent)),
+        "{ended:?}"
+    );
+}

@@ -269,7 +269,7 @@ async fn delete_acked(
         };
         match result {
             Ok(_) => {
-                metrics::counter!("outbox_published_total").increment(messages);
+                metrics::counter!("outbox_published_total", "path" => "fast").increment(messages);
                 batch.clear();
                 messages = 0;
             }
@@ -562,7 +562,7 @@ impl Relay {
             .await?;
         }
         tx.commit().await?;
-        metrics::counter!("outbox_published_total").increment(messages);
+        metrics::counter!("outbox_published_total", "path" => "relay").increment(messages);
         Ok(done.len())
     }
 }

@@ -265,6 +265,14 @@ async fn an_order_whose_commit_lost_its_answer_is_accepted_once() {
             [id.parse::<uuid::Uuid>().unwrap()],
             "one order, the answered one"
         );
+        // Its messages left with the retry, not after the relay's grace period.
+        let relayed = stack
+            .metrics("orchestrator")
+            .await
+            .get(r#"outbox_published_total{path="relay"}"#)
+            .copied()
+            .unwrap_or(0.0);
+        assert_eq!(relayed, 0.0, "key {key:?}: the relay published");
     }
 }
 

@@ -727,6 +727,7 @@ impl SagaStore {
         written: HashMap<Uuid, DateTime<Utc>>,
     ) -> Vec<Result<Created, StoreError>> {
         let mut results = Vec::with_capacity(sagas.len());
+        let mut resumed = Vec::new();
         for s in sagas {
             let Some(&created_at) = written.get(&s.order_id) else {
                 let key = s.key.as_deref().unwrap_or_default();
@@ -734,6 +735,7 @@ impl SagaStore {
                     // This very order, committed by an attempt whose answer was lost.
                     Ok(Some(v)) if v.id == s.order_id => {
                         metrics::counter!("sagas_started_total").increment(1);
+                        resumed.extend(s.messages);
                         Ok(Created::New(v))
                     }
                     Ok(Some(v)) => Ok(Created::Replayed(v)),
@@ -765,6 +767,10 @@ impl SagaStore {
             }];
             results.push(Ok(Created::New(view)));
         }
+        // The orders an attempt whose answer was lost committed, in the order of its outbox row:
+        // their messages leave now instead of after the relay's grace period. Not cached, as in
+        // `written_before`; `Nats-Msg-Id` absorbs a copy the relay sent.
+        self.outbox.publish_committed(resumed);
         results
     }
 

@@ -109,6 +109,9 @@ impl Pull {
                     .await?;
                 // Counted before any message is read, so none of this request's can be missed.
                 self.expected += self.batch;
+                // The broker gets its two heartbeats' time to answer a request, however long
+                // the handlers kept this pull from reading.
+                self.last_heard = Instant::now();
             }
             let message = tokio::select! {
                 biased;

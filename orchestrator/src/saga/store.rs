@@ -694,8 +694,10 @@ impl SagaStore {
     }
 
     /// The orders of a batch whose session broke after its commit, as the retry found them: all
-    /// were written then, in one statement with their outbox row, whose messages leave now
-    /// instead of after the relay's grace period (`Nats-Msg-Id` absorbs a copy the relay sent).
+    /// were written then, with their outbox row, whose messages leave now instead of after the
+    /// relay's grace period (`Nats-Msg-Id` absorbs a copy the relay sent). All but those whose
+    /// idempotency key a request in the same batch took: [`SagaStore::finish_created`] answers
+    /// them with that request's order.
     async fn written_before(
         &self,
         sagas: &[NewSaga],
@@ -708,14 +710,23 @@ impl SagaStore {
                 .fetch_all(&mut *conn)
                 .await?;
         conn.release();
-        if found.len() != sagas.len() {
+        let written: HashMap<Uuid, DateTime<Utc>> = found.into_iter().collect();
+        // The batch's statement wrote every keyless order or none.
+        if sagas
+            .iter()
+            .any(|s| s.key.is_none() && !written.contains_key(&s.order_id))
+        {
             return Err(StoreError::Conflict("orders partly written".into()));
         }
-        // Not cached: the relay may have sent their commands while the retry waited, and
-        // their replies may have moved the sagas on.
-        let written: HashMap<Uuid, DateTime<Utc>> = found.into_iter().collect();
-        self.outbox
-            .publish_committed(sagas.iter().flat_map(|s| s.messages.clone()).collect());
+        // In the batch's order, as in its outbox row. Not cached: the relay may have sent their
+        // commands while the retry waited, and their replies may have moved the sagas on.
+        self.outbox.publish_committed(
+            sagas
+                .iter()
+                .filter(|s| written.contains_key(&s.order_id))
+                .flat_map(|s| s.messages.clone())
+                .collect(),
+        );
         Ok(written)
     }
 

@@ -39,7 +39,7 @@ pub enum PullError {
     Subscribe(#[from] async_nats::SubscribeError),
     #[error("cannot send a pull request: {0}")]
     Request(#[from] async_nats::PublishError),
-    #[error("no heartbeat from the server")]
+    #[error("no message or heartbeat from the server for two heartbeats")]
     Silent,
     #[error("the server ended the pull: {0}")]
     Ended(String),
@@ -75,8 +75,9 @@ impl Pull {
         let client = js.client();
         let inbox = Subject::from(client.new_inbox());
         let subscription = client.subscribe(inbox.clone()).await?;
+        let batch = options.batch.max(1);
         let request = serde_json::json!({
-            "batch": options.batch,
+            "batch": batch,
             "expires": options.expires.as_nanos() as u64,
             "idle_heartbeat": options.heartbeat.as_nanos() as u64,
         });
@@ -88,7 +89,7 @@ impl Pull {
             inbox,
             subscription,
             request: Bytes::from(request.to_string()),
-            batch: options.batch.max(1),
+            batch,
             expected: 0,
             heartbeat,
             last_heard: Instant::now(),

@@ -19,9 +19,8 @@
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer, stream};
-use futures_util::StreamExt;
 use saga_shared_events::db::BatchPool;
-use saga_shared_events::pull::{Pull, PullError, PullOptions};
+use saga_shared_events::pull::{Pull, PullOptions};
 
 const PARTICIPANTS: [&str; 3] = ["inventory", "payment", "shipping"];
 const STEP: &str = "insert into floor_step (saga, step) values ($1, $2)";
@@ -77,20 +76,14 @@ async fn connect_db(url: &str, name: &str) -> Result<BatchPool, Error> {
     Ok(saga_shared_events::db::batch_pool(&pool, 1))
 }
 
-async fn pull(
-    js: &jetstream::Context,
-    durable: &str,
-) -> Result<impl futures_util::Stream<Item = Result<jetstream::Message, PullError>>, Error> {
+async fn pull(js: &jetstream::Context, durable: &str) -> Result<Pull, Error> {
     // The same pull as the services' consumers (`shared-events::consumer::run`).
     let options = PullOptions {
         batch: 128,
         expires: Duration::from_secs(30),
         heartbeat: Duration::from_secs(1),
     };
-    Ok(Pull::start(js, "FLOOR", durable, options)
-        .await?
-        .into_stream()
-        .boxed())
+    Ok(Pull::start(js, "FLOOR", durable, options).await?)
 }
 
 /// One step: commit a row, then publish the next message and acknowledge the one that caused it
@@ -156,14 +149,14 @@ async fn participant(database: &str, nats: &str, name: &str) -> Result<(), Error
     let db = connect_db(database, name).await?;
     let js = jetstream::new(async_nats::connect(nats).await?);
     let mut messages = pull(&js, name).await?;
-    while let Some(msg) = messages.next().await {
-        let msg = msg?;
+    // Until the driver stops this process, or the pull ends.
+    loop {
+        let msg = messages.next().await?;
         let saga = uuid::Uuid::from_slice(msg.payload.get(..16).ok_or("short payload")?)?;
         let n = i32::from(*msg.payload.get(16).ok_or("short payload")?) + 1;
         step(&db, &js, saga, n, Some(format!("floor.reply.{name}"))).await?;
         msg.ack().await?;
     }
-    Ok(())
 }
 
 async fn drive(database: &str, nats: &str, sagas: usize) -> Result<(), Error> {
@@ -227,9 +220,7 @@ async fn drive(database: &str, nats: &str, sagas: usize) -> Result<(), Error> {
                 commits.push(commit.elapsed());
             }
             if p.is_some() {
-                let reply = tokio::time::timeout(Duration::from_secs(10), replies.next())
-                    .await?
-                    .ok_or("reply stream ended")??;
+                let reply = tokio::time::timeout(Duration::from_secs(10), replies.next()).await??;
                 n = i32::from(*reply.payload.get(16).ok_or("short payload")?) + 1;
                 reply.ack().await?;
             }

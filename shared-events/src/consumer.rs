@@ -18,7 +18,7 @@ use crate::db::BatchPool;
 use crate::nats::{ConsumerSpec, NatsError};
 use crate::outbox::{Outbox, OutgoingMessage};
 use crate::propagation;
-use crate::pull::{Pull, PullError, PullOptions};
+use crate::pull::{Pull, PullOptions};
 
 /// Largest payload a consumer decodes; larger ones are dead-lettered unread. The biggest valid
 /// message (100 order lines) is a few KiB.
@@ -221,7 +221,7 @@ pub async fn run<H: Handler>(
             }
             renew = false;
         }
-        let pull = match Pull::start(&js, &spec.stream, &spec.durable, options).await {
+        let mut pull = match Pull::start(&js, &spec.stream, &spec.durable, options).await {
             Ok(p) => p,
             Err(e) => {
                 tracing::warn!(error = %e, consumer = %spec.durable, "cannot pull; retrying");
@@ -235,18 +235,8 @@ pub async fn run<H: Handler>(
         // handlers that batch); several batches run at once.
         let batch = spec.batch_size.max(1);
         let parallel = spec.concurrency.max(1).div_ceil(batch);
-        let end = std::sync::Mutex::new(None::<PullError>);
-        pull.into_stream()
+        pull.messages()
             .take_until(shutdown.cancelled())
-            .filter_map(|item| {
-                std::future::ready(match item {
-                    Ok(msg) => Some(msg),
-                    Err(e) => {
-                        *end.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
-                        None
-                    }
-                })
-            })
             .ready_chunks(batch)
             .for_each_concurrent(parallel, |msgs| {
                 let js = js.clone();
@@ -255,7 +245,7 @@ pub async fn run<H: Handler>(
                 async move { process(&js, &spec, handler.as_ref(), msgs).await }
             })
             .await;
-        if let Some(e) = end.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        if let Some(e) = pull.ended() {
             tracing::warn!(error = %e, consumer = %spec.durable, "pull ended; pulling anew");
             metrics::counter!("consumer_pulls_renewed_total", "consumer" => spec.durable.clone())
                 .increment(1);

@@ -61,6 +61,8 @@ pub struct Pull {
     heartbeat: Duration,
     last_heard: Instant,
     watchdog: Pin<Box<Sleep>>,
+    /// What ended [`Pull::messages`].
+    ended: Option<PullError>,
 }
 
 impl Pull {
@@ -94,6 +96,7 @@ impl Pull {
             heartbeat,
             last_heard: Instant::now(),
             watchdog: Box::pin(tokio::time::sleep(heartbeat * 2)),
+            ended: None,
         })
     }
 
@@ -161,16 +164,21 @@ impl Pull {
         }
     }
 
-    /// The messages as a stream, ending with the error that ended the pull.
-    pub fn into_stream(
-        self,
-    ) -> impl futures_util::Stream<Item = Result<jetstream::Message, PullError>> {
-        futures_util::stream::unfold(Some(self), |pull| async move {
-            let mut pull = pull?;
+    /// The messages as a stream, which ends with the pull; [`Pull::ended`] then says why.
+    pub fn messages(&mut self) -> impl futures_util::Stream<Item = jetstream::Message> + '_ {
+        futures_util::stream::unfold(self, |pull| async move {
             match pull.next().await {
-                Ok(message) => Some((Ok(message), Some(pull))),
-                Err(e) => Some((Err(e), None)),
+                Ok(message) => Some((message, pull)),
+                Err(e) => {
+                    pull.ended = Some(e);
+                    None
+                }
             }
         })
+    }
+
+    /// Why [`Pull::messages`] ended, if an error ended it (rather than its consumer stopping).
+    pub fn ended(&mut self) -> Option<PullError> {
+        self.ended.take()
     }
 }

@@ -55,13 +55,34 @@ pub fn binary(name: &str) -> PathBuf {
     p
 }
 
-/// A free TCP port on loopback.
+/// A free TCP port on loopback, never handed out twice in this process.
+///
+/// Taken below the kernel's ephemeral range: a port the kernel picked for `bind(0)` comes from
+/// that range, so between this check and the server's own bind, any outgoing connection of a
+/// test running in parallel could take it as its local port, and the server would fail to start.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let mut given = GIVEN.lock().unwrap();
+    for _ in 0..10_000 {
+        let port = if ephemeral_low > 11_000 {
+            rand::random_range(10_000..ephemeral_low)
+        } else {
+            0
+        };
+        let Ok(listener) = std::net::TcpListener::bind(("127.0.0.1", port)) else {
+            continue;
+        };
+        let port = listener.local_addr().unwrap().port();
+        if given.insert(port) {
+            return port;
+        }
+    }
+    panic!("no free port on 127.0.0.1");
 }
 
 fn nats_server_bin() -> String {
@@ -125,7 +146,7 @@ impl Nats {
         for n in &mut nodes {
             n.launch();
         }
-        for n in &nodes {
+        for n in &mut nodes {
             n.wait_accepting().await;
         }
         nodes
@@ -168,28 +189,38 @@ impl Nats {
         self.child = Some(child);
     }
 
-    async fn wait_accepting(&self) {
-        let url = self.url();
-        wait_until(
-            Duration::from_secs(10),
-            "nats-server accepting connections",
-            || {
-                let url = url.clone();
-                // A TCP connect and the server's INFO line: works with or without auth.
-                async move {
-                    let addr = url.trim_start_matches("nats://").to_owned();
-                    match tokio::net::TcpStream::connect(addr).await {
-                        Ok(mut sock) => {
-                            use tokio::io::AsyncReadExt;
-                            let mut buf = [0u8; 4];
-                            sock.read_exact(&mut buf).await.is_ok() && &buf == b"INFO"
-                        }
-                        Err(_) => false,
-                    }
+    /// Waits for the server's INFO line on a TCP connection (works with or without auth); fails
+    /// at once, with the server's log, if it exits, and with the log after 30 s.
+    async fn wait_accepting(&mut self) {
+        use tokio::io::AsyncReadExt;
+        let addr = format!("127.0.0.1:{}", self.port);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(mut sock) = tokio::net::TcpStream::connect(&addr).await {
+                let mut buf = [0u8; 4];
+                if sock.read_exact(&mut buf).await.is_ok() && &buf == b"INFO" {
+                    return;
                 }
-            },
-        )
-        .await;
+            }
+            let exited = match self.child.as_mut().map(Child::try_wait) {
+                Some(Ok(Some(status))) => Some(status.to_string()),
+                _ => None,
+            };
+            if exited.is_some() || tokio::time::Instant::now() >= deadline {
+                let log =
+                    std::fs::read_to_string(self.dir.path().join("nats.log")).unwrap_or_default();
+                let lines: Vec<&str> = log.lines().collect();
+                let tail = &lines[lines.len().saturating_sub(30)..];
+                panic!(
+                    "nats-server on {addr} {}; its log ends:\n{}",
+                    exited.map_or("did not accept connections within 30 s".into(), |s| {
+                        format!("exited ({s})")
+                    }),
+                    tail.join("\n")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
     }
 
     /// Starts a server with the deployment's users and permissions (`deploy/nats/accounts.conf`),

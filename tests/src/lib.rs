@@ -528,8 +528,8 @@ impl Stack {
             if let Some(child) = svc.child.as_mut()
                 && let Ok(Some(status)) = child.try_wait()
             {
-                // `free_port` only found the port free: an ephemeral port of some other
-                // connection may have taken it since. Start again on another one.
+                // `free_port` only found the port free: a process outside this harness may
+                // have taken it since. Start again on another one.
                 if self.log_tail(name).contains("Address already in use") {
                     self.move_to_free_port(name);
                     self.spawn(name);

@@ -46,6 +46,18 @@ pub enum NatsError {
     },
 }
 
+/// Counts the reconnections of this process' clients from [`connect`]. A pull request does not
+/// outlive its connection (a restarted broker forgot it, and the broker drops one whose inbox lost
+/// its subscriber), so each [`crate::pull::Pull`] asks again as soon as this changes instead of
+/// waiting for its silence check.
+static RECONNECTIONS: std::sync::LazyLock<tokio::sync::watch::Sender<u64>> =
+    std::sync::LazyLock::new(|| tokio::sync::watch::Sender::new(0));
+
+/// Watches [`RECONNECTIONS`].
+pub fn reconnections() -> tokio::sync::watch::Receiver<u64> {
+    RECONNECTIONS.subscribe()
+}
+
 /// Connects with a client name and unlimited reconnects, retrying the first connection for up to
 /// `wait` so services can start before the broker.
 pub async fn connect(
@@ -63,6 +75,8 @@ pub async fn connect(
         .filter(|s| !s.is_empty())
         .collect();
     loop {
+        // The client's first connection is not a reconnection.
+        let connected_before = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let mut opts = async_nats::ConnectOptions::new()
             .name(name)
             // Each service's replies and deliveries arrive under its own prefix, so NATS
@@ -70,14 +84,22 @@ pub async fn connect(
             .custom_inbox_prefix(format!("_INBOX_{name}"))
             .connection_timeout(Duration::from_secs(3))
             .max_reconnects(None)
-            .event_callback(|event| async move {
-                match event {
-                    async_nats::Event::Connected => tracing::info!("NATS connected"),
-                    async_nats::Event::Disconnected => tracing::warn!("NATS disconnected"),
-                    async_nats::Event::ServerError(e) => {
-                        tracing::error!(error = %e, "NATS server error")
+            .event_callback(move |event| {
+                let connected_before = connected_before.clone();
+                async move {
+                    match event {
+                        async_nats::Event::Connected => {
+                            tracing::info!("NATS connected");
+                            if connected_before.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                                RECONNECTIONS.send_modify(|n| *n += 1);
+                            }
+                        }
+                        async_nats::Event::Disconnected => tracing::warn!("NATS disconnected"),
+                        async_nats::Event::ServerError(e) => {
+                            tracing::error!(error = %e, "NATS server error")
+                        }
+                        other => tracing::debug!(event = %other, "NATS event"),
                     }
-                    other => tracing::debug!(event = %other, "NATS event"),
                 }
             });
         if let (Some(user), Some(pass)) = (&auth.nats_user, &auth.nats_password) {

@@ -60,6 +60,8 @@ pub struct Pull {
     expected: usize,
     heartbeat: Duration,
     last_heard: Instant,
+    /// Changes when a client of this process reconnects ([`crate::nats::reconnections`]).
+    reconnections: tokio::sync::watch::Receiver<u64>,
     watchdog: Pin<Box<Sleep>>,
     /// What ended [`Pull::messages`].
     ended: Option<PullError>,
@@ -84,6 +86,8 @@ impl Pull {
             "idle_heartbeat": options.heartbeat.as_nanos() as u64,
         });
         let heartbeat = options.heartbeat;
+        let mut reconnections = crate::nats::reconnections();
+        reconnections.mark_unchanged();
         Ok(Self {
             client,
             context: js.clone(),
@@ -95,6 +99,7 @@ impl Pull {
             expected: 0,
             heartbeat,
             last_heard: Instant::now(),
+            reconnections,
             watchdog: Box::pin(tokio::time::sleep(heartbeat * 2)),
             ended: None,
         })
@@ -120,13 +125,26 @@ impl Pull {
             let message = tokio::select! {
                 biased;
                 message = self.subscription.next() => message.ok_or(PullError::Closed)?,
+                Ok(()) = self.reconnections.changed() => {
+                    // Our requests went with the old connection; the inbox's subscription was
+                    // renewed before anything sent from now on. Whatever an old request still
+                    // delivers arrives here all the same and only lowers the count.
+                    tracing::info!(consumer = %self.subject, "NATS reconnected; pulling again");
+                    self.expected = 0;
+                    continue;
+                }
                 () = &mut self.watchdog => {
                     // Re-armed only when it fires, not for every message.
                     let due = self.last_heard + self.heartbeat * 2;
-                    if Instant::now() >= due {
+                    let connected =
+                        self.client.connection_state() == async_nats::connection::State::Connected;
+                    // Disconnected, silence is expected: the reconnection asks again.
+                    if Instant::now() >= due && connected {
                         return Err(PullError::Silent);
                     }
-                    self.watchdog.as_mut().reset(due);
+                    let now = Instant::now();
+                    let next = if due > now { due } else { now + self.heartbeat };
+                    self.watchdog.as_mut().reset(next);
                     continue;
                 }
             };

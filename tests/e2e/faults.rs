@@ -141,6 +141,42 @@ async fn restarting_nats_mid_run_loses_nothing() {
     stack.wait_all_terminal(&more, FINISH).await;
 }
 
+/// Each consumer asks the restarted broker again as soon as its client reconnects, instead of
+/// waiting two heartbeats for a pull the broker forgot: no service logs a pull that ended, and an
+/// order placed afterwards ships.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_broker_restart_every_consumer_pulls_again_at_the_reconnection() {
+    const PULLING_AGAIN: &str = "NATS reconnected; pulling again";
+    let mut stack = Stack::start_with(StackOptions::default()).await;
+    let fig = product("fig");
+    stack.set_stock(&fig, 5).await;
+    let first = stack.create_order("una", &[(&fig, 1, 100)]).await;
+    assert_eq!(stack.wait_terminal(&first).await["status"], "shipped");
+    for svc in saga_e2e_tests::SERVICES {
+        assert!(
+            !stack.log(svc).contains(PULLING_AGAIN),
+            "{svc} before any restart"
+        );
+    }
+
+    stack.nats[0].restart().await;
+    let second = stack.create_order("una", &[(&fig, 1, 100)]).await;
+    assert_eq!(stack.wait_terminal(&second).await["status"], "shipped");
+    for svc in saga_e2e_tests::SERVICES {
+        let log = stack.log(svc);
+        assert!(
+            !log.contains("pull ended"),
+            "{svc} waited for its pull's silence:\n{}",
+            stack.log_tail(svc)
+        );
+        assert!(
+            log.contains(PULLING_AGAIN),
+            "{svc}:\n{}",
+            stack.log_tail(svc)
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restarting_postgres_mid_run_loses_nothing() {
     let mut opts = slow_participants();

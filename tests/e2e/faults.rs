@@ -312,6 +312,130 @@ async fn an_order_whose_commit_lost_its_answer_is_accepted_once() {
     }
 }
 
+/// One intake batch of two orders with the same idempotency key and one without, whose commit
+/// loses its answer: the retry finds the two orders written, answers the keyed pair with one
+/// order (`202` for the one written, `200` replaying it for the other) and the keyless one with
+/// its own, and their messages leave with the retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mixed_order_batch_whose_commit_lost_its_answer_answers_each_order() {
+    let mut stack = Stack::start().await;
+    let products = stocked(&stack, 1, 100).await;
+    let cutter = CommitCutter::start(stack.admin_url(), "insert into saga_order").await;
+    let url = cutter.url(&stack.db_url("orchestrator"));
+    stack.set_env("orchestrator", "DATABASE_URL", &url);
+    stack.restart("orchestrator").await;
+    let post = |customer: &str, key: Option<&str>| {
+        let mut request = stack
+            .http
+            .post(stack.url("orchestrator", "/orders"))
+            .json(&order_body(customer, &[(products[0].as_str(), 1, 100)]));
+        if let Some(key) = key {
+            request = request.header("Idempotency-Key", key);
+        }
+        async move {
+            let r = request.send().await.unwrap();
+            let status = r.status().as_u16();
+            let body: serde_json::Value = r.json().await.unwrap();
+            (status, body)
+        }
+    };
+
+    // The intake writes one batch at a time: hold a first order's insert on the idempotency key
+    // of a row not yet committed, so the three orders queue behind it and go together in the
+    // next batch. (A table lock would hold the statement's preparation too, before the cutter
+    // is armed, on a connection that has not prepared it yet.)
+    let held_key = uuid::Uuid::new_v4().to_string();
+    let mut lock = stack.db("orchestrator").await;
+    sqlx::query("begin").execute(&mut lock).await.unwrap();
+    sqlx::query(
+        "insert into saga_order (order_id, customer_id, items, total_cents, state, status, \
+         idempotency_key) values (gen_random_uuid(), 'held', '[]', 0, '{}', 'created', $1)",
+    )
+    .bind(&held_key)
+    .execute(&mut lock)
+    .await
+    .unwrap();
+    let first = tokio::spawn(post("held", Some(&held_key)));
+    let mut watch = stack.db("orchestrator").await;
+    let deadline = tokio::time::Instant::now() + FINISH;
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "select count(*) from pg_stat_activity where wait_event_type = 'Lock' \
+             and query like '%insert into saga_order%'",
+        )
+        .fetch_one(&mut watch)
+        .await
+        .unwrap();
+        if waiting == 1 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the first order's insert never waited for the held key"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    cutter.arm();
+    let customer = format!("mixed-{}", uuid::Uuid::new_v4().simple());
+    let key = uuid::Uuid::new_v4().to_string();
+    let batch = futures_util::future::join4(
+        post(&customer, Some(&key)),
+        post(&customer, Some(&key)),
+        post(&customer, None),
+        async {
+            saga_e2e_tests::wait_until(FINISH, "three orders waiting for the intake", || async {
+                stack
+                    .metrics("orchestrator")
+                    .await
+                    .get("orders_waiting_for_intake")
+                    == Some(&3.0)
+            })
+            .await;
+            sqlx::query("rollback").execute(&mut lock).await.unwrap();
+        },
+    );
+    let ((s1, a1), (s2, a2), (s3, a3), ()) = batch.await;
+    assert_eq!(cutter.cuts(), 1, "the batch's answer was cut");
+    let (s0, _) = first.await.unwrap();
+    assert_eq!(s0, 202);
+
+    let mut keyed = [(s1, a1["id"].clone()), (s2, a2["id"].clone())];
+    keyed.sort_by_key(|k| k.0);
+    assert_eq!(
+        [keyed[0].0, keyed[1].0],
+        [200, 202],
+        "the keyed pair: {a1} {a2}"
+    );
+    assert_eq!(keyed[0].1, keyed[1].1, "one order for one key");
+    assert_eq!(s3, 202, "the keyless order: {a3}");
+    let ids = [
+        keyed[1].1.as_str().unwrap().to_owned(),
+        a3["id"].as_str().unwrap().to_owned(),
+    ];
+    assert_ne!(ids[0], ids[1]);
+    let mut db = stack.db("orchestrator").await;
+    let mut orders: Vec<String> = sqlx::query_scalar(
+        "select order_id::text from saga_order where customer_id = $1 order by order_id",
+    )
+    .bind(&customer)
+    .fetch_all(&mut db)
+    .await
+    .unwrap();
+    let mut expected = ids.to_vec();
+    orders.sort();
+    expected.sort();
+    assert_eq!(orders, expected, "the two answered orders, no other");
+    let outcomes = stack.wait_all_terminal(&ids, FINISH).await;
+    assert_eq!(outcomes.values().sum::<usize>(), 2, "{outcomes:?}");
+    let relayed = stack
+        .metrics("orchestrator")
+        .await
+        .get(r#"outbox_published_total{path="relay"}"#)
+        .copied()
+        .unwrap_or(0.0);
+    assert_eq!(relayed, 0.0, "the relay published");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_participant_down_past_the_deadline_is_retried_until_it_answers() {
     let opts = StackOptions::default().with("orchestrator", "STEP_TIMEOUT_MS", "300");

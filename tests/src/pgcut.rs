@@ -84,7 +84,7 @@ impl CommitCutter {
         )
     }
 
-    /// Cuts the next execution of the statement (once).
+    /// Cuts the next execution of the statement bound from now on (once).
     pub fn arm(&self) {
         self.armed.store(true, Ordering::SeqCst);
     }
@@ -113,6 +113,7 @@ async fn relay<S: AsyncRead + AsyncWrite + Send + 'static>(
     // Set by the client side when the marked statement is bound; read by the server side.
     let marked = Arc::new(AtomicBool::new(false));
     let m = marked.clone();
+    let armed_up = armed.clone();
     let upward = tokio::spawn(async move {
         let mut statements: Vec<Vec<u8>> = Vec::new();
         let mut started = false;
@@ -136,7 +137,7 @@ async fn relay<S: AsyncRead + AsyncWrite + Send + 'static>(
                 }
                 let msg: Vec<u8> = buf.drain(..head + len).collect();
                 if started {
-                    inspect_client(&msg, marker, &mut statements, &m);
+                    inspect_client(&msg, marker, &mut statements, &m, &armed_up);
                 }
                 started = true;
                 if server_tx.write_all(&msg).await.is_err() {
@@ -190,8 +191,15 @@ async fn relay<S: AsyncRead + AsyncWrite + Send + 'static>(
     upward.abort();
 }
 
-/// Remembers the statements whose text has `marker` and marks the connection when one is bound.
-fn inspect_client(msg: &[u8], marker: &str, statements: &mut Vec<Vec<u8>>, marked: &AtomicBool) {
+/// Remembers the statements whose text has `marker` and marks the connection when one is bound
+/// while armed (an execution bound before `arm`, perhaps waiting on a lock, is not cut).
+fn inspect_client(
+    msg: &[u8],
+    marker: &str,
+    statements: &mut Vec<Vec<u8>>,
+    marked: &AtomicBool,
+    armed: &AtomicBool,
+) {
     let body = &msg[5..];
     let cstr = |at: usize| -> (&[u8], usize) {
         let end = body[at..]
@@ -213,7 +221,7 @@ fn inspect_client(msg: &[u8], marker: &str, statements: &mut Vec<Vec<u8>>, marke
         b'B' => {
             let (_portal, next) = cstr(0);
             let (statement, _) = cstr(next);
-            if statements.iter().any(|s| s == statement) {
+            if armed.load(Ordering::SeqCst) && statements.iter().any(|s| s == statement) {
                 marked.store(true, Ordering::SeqCst);
             }
         }

@@ -422,6 +422,9 @@ pub struct SagaStore {
 /// lines); beyond, they are read. At 1,700 sagas/s about 300 are in flight.
 const CACHE_CAPACITY: usize = 20_000;
 
+/// Gauge: new orders waiting for the intake (behind the batch being written).
+const INTAKE_WAITING: &str = "orders_waiting_for_intake";
+
 impl SagaStore {
     /// A store over `pool`, writing batches through `batch_pool`.
     pub fn new(
@@ -487,16 +490,19 @@ impl SagaStore {
                 .unwrap_or_else(|| Err(StoreError::Conflict("order was not written".into())));
         };
         let (reply, answer) = oneshot::channel();
-        intake
-            .send((request, reply))
-            .await
-            .map_err(|_| StoreError::Conflict("shutting down".into()))?;
+        let waiting = metrics::gauge!(INTAKE_WAITING);
+        waiting.increment(1.0);
+        if intake.send((request, reply)).await.is_err() {
+            waiting.decrement(1.0);
+            return Err(StoreError::Conflict("shutting down".into()));
+        }
         answer
             .await
             .unwrap_or_else(|_| Err(StoreError::Conflict("shutting down".into())))
     }
 
-    /// Starts the task that writes new orders in batches; `create` uses it from then on.
+    /// Starts the task that writes new orders in batches; `create` uses it from then on. The
+    /// orders queued for it while the batches in flight are written go together in the next one.
     pub fn start_intake(&mut self, max_batch: usize, parallel: usize) {
         let (tx, rx) = mpsc::channel::<Intake>(max_batch * parallel * 4);
         let writer = self.clone();
@@ -506,6 +512,7 @@ impl SagaStore {
                 .ready_chunks(max_batch.max(1))
                 .for_each_concurrent(parallel.max(1), |batch| {
                     let writer = writer.clone();
+                    metrics::gauge!(INTAKE_WAITING).decrement(batch.len() as f64);
                     async move {
                         let (requests, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
                         let results = writer.create_many(requests).await;

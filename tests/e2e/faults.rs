@@ -147,7 +147,7 @@ async fn restarting_nats_mid_run_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_broker_restart_every_consumer_pulls_again_at_the_reconnection() {
     const PULLING_AGAIN: &str = "NATS reconnected; pulling again";
-    let mut stack = Stack::start_with(StackOptions::default()).await;
+    let mut stack = Stack::start().await;
     let fig = product("fig");
     stack.set_stock(&fig, 5).await;
     let first = stack.create_order("una", &[(&fig, 1, 100)]).await;

@@ -425,6 +425,30 @@ const CACHE_CAPACITY: usize = 20_000;
 /// Gauge: new orders waiting for the intake (behind the batch being written).
 const INTAKE_WAITING: &str = "orders_waiting_for_intake";
 
+/// An order counted in [`INTAKE_WAITING`]: once queued, the intake uncounts it as it takes it;
+/// before, dropping this does (the request gave up: client gone, timeout, shutting down).
+struct Waiting(Option<metrics::Gauge>);
+
+impl Waiting {
+    fn count() -> Self {
+        let gauge = metrics::gauge!(INTAKE_WAITING);
+        gauge.increment(1.0);
+        Waiting(Some(gauge))
+    }
+
+    fn queued(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        if let Some(gauge) = self.0.take() {
+            gauge.decrement(1.0);
+        }
+    }
+}
+
 impl SagaStore {
     /// A store over `pool`, writing batches through `batch_pool`.
     pub fn new(
@@ -490,12 +514,12 @@ impl SagaStore {
                 .unwrap_or_else(|| Err(StoreError::Conflict("order was not written".into())));
         };
         let (reply, answer) = oneshot::channel();
-        let waiting = metrics::gauge!(INTAKE_WAITING);
-        waiting.increment(1.0);
-        if intake.send((request, reply)).await.is_err() {
-            waiting.decrement(1.0);
-            return Err(StoreError::Conflict("shutting down".into()));
-        }
+        let waiting = Waiting::count();
+        intake
+            .send((request, reply))
+            .await
+            .map_err(|_| StoreError::Conflict("shutting down".into()))?;
+        waiting.queued();
         answer
             .await
             .unwrap_or_else(|_| Err(StoreError::Conflict("shutting down".into())))

@@ -254,61 +254,89 @@ async fn an_order_is_accepted_when_postgres_closed_the_batch_connections() {
     assert_eq!(outcomes.values().sum::<usize>(), ids.len(), "{outcomes:?}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_order_whose_commit_lost_its_answer_is_accepted_once() {
-    let mut stack = Stack::start().await;
-    let products = stocked(&stack, 1, 100).await;
-    // The orchestrator reaches Postgres through a proxy that can let the order's insert commit
-    // and then close the connection before the answer arrives.
+/// Points the orchestrator at Postgres through a proxy that can let an order's insert commit and
+/// then close the connection before the answer arrives.
+async fn cut_order_inserts(stack: &mut Stack) -> CommitCutter {
     let cutter = CommitCutter::start(stack.admin_url(), "insert into saga_order").await;
     let url = cutter.url(&stack.db_url("orchestrator"));
     stack.set_env("orchestrator", "DATABASE_URL", &url);
     stack.restart("orchestrator").await;
+    cutter
+}
+
+/// Posts one order of one unit of `product`, with an idempotency key if given: its status and
+/// body. The request is built at once, so the future borrows nothing (it can be spawned).
+fn post_order(
+    stack: &Stack,
+    customer: &str,
+    product: &str,
+    key: Option<&str>,
+) -> impl std::future::Future<Output = (u16, serde_json::Value)> + Send + 'static {
+    let mut request = stack
+        .http
+        .post(stack.url("orchestrator", "/orders"))
+        .json(&order_body(customer, &[(product, 1, 100)]));
+    if let Some(key) = key {
+        request = request.header("Idempotency-Key", key);
+    }
+    async move {
+        let r = request.send().await.unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap())
+    }
+}
+
+/// A customer's orders in the orchestrator's table, sorted.
+async fn orders_of(stack: &Stack, customer: &str) -> Vec<uuid::Uuid> {
+    let mut db = stack.db("orchestrator").await;
+    sqlx::query_scalar("select order_id from saga_order where customer_id = $1 order by order_id")
+        .bind(customer)
+        .fetch_all(&mut db)
+        .await
+        .unwrap()
+}
+
+/// Messages the orchestrator's outbox relay published (rather than their writer after commit).
+async fn relay_published(stack: &Stack) -> f64 {
+    stack
+        .metrics("orchestrator")
+        .await
+        .get(r#"outbox_published_total{path="relay"}"#)
+        .copied()
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_whose_commit_lost_its_answer_is_accepted_once() {
+    let mut stack = Stack::start().await;
+    let products = stocked(&stack, 1, 100).await;
+    let cutter = cut_order_inserts(&mut stack).await;
     // Without and with an idempotency key (a keyed batch runs in a transaction).
     for (round, key) in [None, Some(uuid::Uuid::new_v4().to_string())]
         .into_iter()
         .enumerate()
     {
         let customer = format!("cut-{}", uuid::Uuid::new_v4().simple());
-        let body = order_body(&customer, &[(products[0].as_str(), 1, 100)]);
         cutter.arm();
-        let mut request = stack
-            .http
-            .post(stack.url("orchestrator", "/orders"))
-            .json(&body);
-        if let Some(key) = &key {
-            request = request.header("Idempotency-Key", key);
-        }
-        let r = request.send().await.unwrap();
+        let (status, answer) = post_order(&stack, &customer, &products[0], key.as_deref()).await;
         assert_eq!(cutter.cuts(), round + 1, "the insert's answer was cut");
-        let status = r.status().as_u16();
-        let answer: serde_json::Value = r.json().await.unwrap();
         assert_eq!(status, 202, "key {key:?}: {answer}");
         let id = answer["id"].as_str().unwrap().to_owned();
         let outcomes = stack
             .wait_all_terminal(std::slice::from_ref(&id), FINISH)
             .await;
         assert_eq!(outcomes.values().sum::<usize>(), 1, "{outcomes:?}");
-        let mut db = stack.db("orchestrator").await;
-        let orders: Vec<uuid::Uuid> =
-            sqlx::query_scalar("select order_id from saga_order where customer_id = $1")
-                .bind(&customer)
-                .fetch_all(&mut db)
-                .await
-                .unwrap();
         assert_eq!(
-            orders,
+            orders_of(&stack, &customer).await,
             [id.parse::<uuid::Uuid>().unwrap()],
             "one order, the answered one"
         );
         // Its messages left with the retry, not after the relay's grace period.
-        let relayed = stack
-            .metrics("orchestrator")
-            .await
-            .get(r#"outbox_published_total{path="relay"}"#)
-            .copied()
-            .unwrap_or(0.0);
-        assert_eq!(relayed, 0.0, "key {key:?}: the relay published");
+        assert_eq!(
+            relay_published(&stack).await,
+            0.0,
+            "key {key:?}: the relay published"
+        );
     }
 }
 
@@ -320,25 +348,7 @@ async fn an_order_whose_commit_lost_its_answer_is_accepted_once() {
 async fn a_mixed_order_batch_whose_commit_lost_its_answer_answers_each_order() {
     let mut stack = Stack::start().await;
     let products = stocked(&stack, 1, 100).await;
-    let cutter = CommitCutter::start(stack.admin_url(), "insert into saga_order").await;
-    let url = cutter.url(&stack.db_url("orchestrator"));
-    stack.set_env("orchestrator", "DATABASE_URL", &url);
-    stack.restart("orchestrator").await;
-    let post = |customer: &str, key: Option<&str>| {
-        let mut request = stack
-            .http
-            .post(stack.url("orchestrator", "/orders"))
-            .json(&order_body(customer, &[(products[0].as_str(), 1, 100)]));
-        if let Some(key) = key {
-            request = request.header("Idempotency-Key", key);
-        }
-        async move {
-            let r = request.send().await.unwrap();
-            let status = r.status().as_u16();
-            let body: serde_json::Value = r.json().await.unwrap();
-            (status, body)
-        }
-    };
+    let cutter = cut_order_inserts(&mut stack).await;
 
     // The intake writes one batch at a time: hold a first order's insert on the idempotency key
     // of a row not yet committed, so the three orders queue behind it and go together in the
@@ -355,33 +365,30 @@ async fn a_mixed_order_batch_whose_commit_lost_its_answer_answers_each_order() {
     .execute(&mut lock)
     .await
     .unwrap();
-    let first = tokio::spawn(post("held", Some(&held_key)));
-    let mut watch = stack.db("orchestrator").await;
-    let deadline = tokio::time::Instant::now() + FINISH;
-    loop {
-        let waiting: i64 = sqlx::query_scalar(
-            "select count(*) from pg_stat_activity where wait_event_type = 'Lock' \
-             and query like '%insert into saga_order%'",
-        )
-        .fetch_one(&mut watch)
-        .await
-        .unwrap();
-        if waiting == 1 {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the first order's insert never waited for the held key"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    let first = tokio::spawn(post_order(&stack, "held", &products[0], Some(&held_key)));
+    saga_e2e_tests::wait_until(
+        FINISH,
+        "the first order's insert waiting for the held key",
+        || async {
+            let mut db = stack.db("orchestrator").await;
+            let waiting: i64 = sqlx::query_scalar(
+                "select count(*) from pg_stat_activity where wait_event_type = 'Lock' \
+                 and query like '%insert into saga_order%'",
+            )
+            .fetch_one(&mut db)
+            .await
+            .unwrap();
+            waiting == 1
+        },
+    )
+    .await;
     cutter.arm();
     let customer = format!("mixed-{}", uuid::Uuid::new_v4().simple());
     let key = uuid::Uuid::new_v4().to_string();
     let batch = futures_util::future::join4(
-        post(&customer, Some(&key)),
-        post(&customer, Some(&key)),
-        post(&customer, None),
+        post_order(&stack, &customer, &products[0], Some(&key)),
+        post_order(&stack, &customer, &products[0], Some(&key)),
+        post_order(&stack, &customer, &products[0], None),
         async {
             saga_e2e_tests::wait_until(FINISH, "three orders waiting for the intake", || async {
                 stack
@@ -413,27 +420,16 @@ async fn a_mixed_order_batch_whose_commit_lost_its_answer_answers_each_order() {
         a3["id"].as_str().unwrap().to_owned(),
     ];
     assert_ne!(ids[0], ids[1]);
-    let mut db = stack.db("orchestrator").await;
-    let mut orders: Vec<String> = sqlx::query_scalar(
-        "select order_id::text from saga_order where customer_id = $1 order by order_id",
-    )
-    .bind(&customer)
-    .fetch_all(&mut db)
-    .await
-    .unwrap();
-    let mut expected = ids.to_vec();
-    orders.sort();
+    let mut expected: Vec<uuid::Uuid> = ids.iter().map(|id| id.parse().unwrap()).collect();
     expected.sort();
-    assert_eq!(orders, expected, "the two answered orders, no other");
+    assert_eq!(
+        orders_of(&stack, &customer).await,
+        expected,
+        "the two answered orders, no other"
+    );
     let outcomes = stack.wait_all_terminal(&ids, FINISH).await;
     assert_eq!(outcomes.values().sum::<usize>(), 2, "{outcomes:?}");
-    let relayed = stack
-        .metrics("orchestrator")
-        .await
-        .get(r#"outbox_published_total{path="relay"}"#)
-        .copied()
-        .unwrap_or(0.0);
-    assert_eq!(relayed, 0.0, "the relay published");
+    assert_eq!(relay_published(&stack).await, 0.0, "the relay published");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

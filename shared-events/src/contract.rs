@@ -252,6 +252,12 @@ pub enum Body {
     OrderFailed(OrderEvent),
 }
 
+/// Subject filters for the events that end a saga (completed, cancelled, failed), any wire
+/// version: what a client that waits for orders to end subscribes to, so it is not sent the
+/// other order events.
+pub const ORDER_ENDING_SUBJECTS: [&str; 3] =
+    ["orders.completed.>", "orders.cancelled.>", "orders.failed.>"];
+
 impl Body {
     /// The `type` tag, as it appears in the envelope and the `Message-Type` header.
     pub fn message_type(&self) -> &'static str {
@@ -463,6 +469,21 @@ mod tests {
         assert!(subjects.contains(&"orders.completed.v1".to_string()));
         for s in &subjects {
             assert!(s.ends_with(".v1"), "{s}");
+        }
+    }
+
+    #[test]
+    fn the_ending_subjects_match_exactly_the_events_that_end_a_saga() {
+        for body in sample_bodies() {
+            let subject = body.subject();
+            let matched = ORDER_ENDING_SUBJECTS
+                .iter()
+                .any(|f| subject.starts_with(f.trim_end_matches('>')));
+            let ends = matches!(
+                body,
+                Body::OrderCompleted(_) | Body::OrderCancelled(_) | Body::OrderFailed(_)
+            );
+            assert_eq!(matched, ends, "{subject}");
         }
     }
 

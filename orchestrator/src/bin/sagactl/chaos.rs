@@ -1,5 +1,5 @@
 //! `sagactl chaos`: a closed-loop load run against a live stack that learns each order's end from
-//! the `orders.>` events, then reports outcomes, throughput, latency, CPU and the audit.
+//! the `orders.>` events that end sagas, then reports outcomes, throughput, latency, CPU and the audit.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -16,7 +16,7 @@ use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use saga_orchestrator::audit::{AuditDbs, AuditReport, AuditScope, audit};
-use saga_shared_events::contract::{Body, Envelope};
+use saga_shared_events::contract::{Body, Envelope, ORDER_ENDING_SUBJECTS};
 
 use crate::{Endpoints, proc_stats};
 
@@ -193,7 +193,13 @@ async fn drive(
     .await?;
     let js = async_nats::jetstream::new(nats.clone());
     let waiters = Arc::new(Mutex::new(Waiters::default()));
-    let mut sub = nats.subscribe("orders.>").await?;
+    // Only the events that end a saga: the created events would cost the broker a delivery
+    // and this process a wake-up and a decode per order, on the same cores as the stack.
+    let mut subs = Vec::with_capacity(ORDER_ENDING_SUBJECTS.len());
+    for subject in ORDER_ENDING_SUBJECTS {
+        subs.push(nats.subscribe(subject).await?);
+    }
+    let mut sub = futures_util::stream::select_all(subs);
     let w = waiters.clone();
     let listener = tokio::spawn(async move {
         while let Some(msg) = sub.next().await {

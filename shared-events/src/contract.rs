@@ -255,8 +255,11 @@ pub enum Body {
 /// Subject filters for the events that end a saga (completed, cancelled, failed), any wire
 /// version: what a client that waits for orders to end subscribes to, so it is not sent the
 /// other order events.
-pub const ORDER_ENDING_SUBJECTS: [&str; 3] =
-    ["orders.completed.>", "orders.cancelled.>", "orders.failed.>"];
+pub const ORDER_ENDING_SUBJECTS: [&str; 3] = [
+    "orders.completed.>",
+    "orders.cancelled.>",
+    "orders.failed.>",
+];
 
 impl Body {
     /// The `type` tag, as it appears in the envelope and the `Message-Type` header.

@@ -3,8 +3,13 @@
 //! Plain data only (no tokio, sqlx or NATS here), so that every service and every test reads the
 //! same definitions. Changes are additive; a breaking change gets a new `version` and subject.
 
+use std::borrow::Cow;
+
 use chrono::{DateTime, Utc};
+use serde::de::value::{MapAccessDeserializer, StrDeserializer};
+use serde::de::{DeserializeSeed, MapAccess};
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use uuid::Uuid;
 
 /// The only wire version this build speaks. Messages with another version are dead-lettered.
@@ -331,8 +336,8 @@ impl Body {
     }
 }
 
-/// The envelope every message travels in.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// The envelope every message travels in. Read with [`Envelope::decode`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Envelope {
     /// Unique per publish; also the `Nats-Msg-Id` and the inbox key.
     pub message_id: Uuid,
@@ -387,14 +392,81 @@ impl Envelope {
 
     /// Parses a payload and checks its version.
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
-        let envelope: Envelope = serde_json::from_slice(bytes)?;
-        if envelope.version != WIRE_VERSION {
+        let wire: WireEnvelope<'_> = serde_json::from_slice(bytes)?;
+        let body = Body::deserialize(MapAccessDeserializer::new(TaggedBody {
+            message_type: Some(wire.message_type),
+            payload: Some(wire.payload),
+        }))?;
+        if wire.version != WIRE_VERSION {
             return Err(DecodeError::UnsupportedVersion {
-                message_type: envelope.body.message_type(),
-                version: envelope.version,
+                message_type: body.message_type(),
+                version: wire.version,
             });
         }
-        Ok(envelope)
+        Ok(Envelope {
+            message_id: wire.message_id,
+            saga_id: wire.saga_id,
+            causation_id: wire.causation_id,
+            version: wire.version,
+            occurred_at: wire.occurred_at,
+            body,
+        })
+    }
+}
+
+/// An envelope as read off the wire, its body's `type` and `payload` kept apart so that the body
+/// is decoded straight from them. A derived `Deserialize` with `#[serde(flatten)]` first copies
+/// every field it does not know into a buffer of its own: that took half of a consumer's
+/// preparation of each message.
+#[derive(Deserialize)]
+struct WireEnvelope<'a> {
+    message_id: Uuid,
+    saga_id: Uuid,
+    causation_id: Option<Uuid>,
+    version: u32,
+    occurred_at: DateTime<Utc>,
+    #[serde(rename = "type", borrow)]
+    message_type: Cow<'a, str>,
+    #[serde(borrow)]
+    payload: &'a RawValue,
+}
+
+/// `type` then `payload`, as a map for `Body`'s adjacently tagged `Deserialize`: with the tag
+/// first, it decodes the payload without buffering it.
+struct TaggedBody<'a> {
+    message_type: Option<Cow<'a, str>>,
+    payload: Option<&'a RawValue>,
+}
+
+impl<'de> MapAccess<'de> for TaggedBody<'de> {
+    type Error = serde_json::Error;
+
+    fn next_key_seed<K: DeserializeSeed<'de>>(
+        &mut self,
+        seed: K,
+    ) -> Result<Option<K::Value>, Self::Error> {
+        let key = if self.message_type.is_some() {
+            "type"
+        } else if self.payload.is_some() {
+            "payload"
+        } else {
+            return Ok(None);
+        };
+        seed.deserialize(StrDeserializer::<serde_json::Error>::new(key))
+            .map(Some)
+    }
+
+    fn next_value_seed<V: DeserializeSeed<'de>>(
+        &mut self,
+        seed: V,
+    ) -> Result<V::Value, Self::Error> {
+        if let Some(message_type) = self.message_type.take() {
+            return seed.deserialize(StrDeserializer::<serde_json::Error>::new(&message_type));
+        }
+        match self.payload.take() {
+            Some(payload) => seed.deserialize(payload),
+            None => Err(serde::de::Error::custom("a value without a key")),
+        }
     }
 }
 
@@ -533,6 +605,31 @@ mod tests {
                 order_id: order.parse().unwrap()
             })
         );
+    }
+
+    #[test]
+    fn a_missing_or_mistyped_type_or_payload_is_malformed() {
+        let order = "00000000-0000-0000-0000-000000000007";
+        let head = format!(
+            r#""version": 1, "saga_id": "{order}", "message_id": "{order}",
+               "occurred_at": "1970-01-01T00:00:00Z""#
+        );
+        for tail in [
+            r#""type": "shipping.shipped""#.to_string(),
+            format!(r#""payload": {{"order_id": "{order}"}}"#),
+            format!(r#""type": 7, "payload": {{"order_id": "{order}"}}"#),
+            r#""type": "shipping.shipped", "payload": {"order_id": 7}"#.to_string(),
+            r#""type": "shipping.shipped", "payload": null"#.to_string(),
+        ] {
+            let json = format!("{{{head}, {tail}}}");
+            assert!(
+                matches!(
+                    Envelope::decode(json.as_bytes()),
+                    Err(DecodeError::Malformed(_))
+                ),
+                "{json}"
+            );
+        }
     }
 
     #[test]

@@ -416,8 +416,8 @@ impl Envelope {
 
 /// An envelope as read off the wire, its body's `type` and `payload` kept apart so that the body
 /// is decoded straight from them. A derived `Deserialize` with `#[serde(flatten)]` first copies
-/// every field it does not know into a buffer of its own: that took half of a consumer's
-/// preparation of each message.
+/// every field it does not know into a buffer of its own: over 40 % of a consumer's preparation
+/// of each message in a profile at 1 in flight.
 #[derive(Deserialize)]
 struct WireEnvelope<'a> {
     message_id: Uuid,

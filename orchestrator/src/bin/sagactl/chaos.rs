@@ -1,5 +1,6 @@
 //! `sagactl chaos`: a closed-loop load run against a live stack that learns each order's end from
-//! the `orders.>` events that end sagas, then reports outcomes, throughput, latency, CPU and the audit.
+//! the `orders.>` events that end sagas, then reports outcomes, throughput, latency, CPU and the
+//! audit.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -54,6 +54,9 @@ pub struct ChaosArgs {
 struct Ending {
     status: String,
     reason: Option<String>,
+    /// When the event reached this process: an order's latency ends here, not when its worker
+    /// task gets to run.
+    at: Instant,
 }
 
 #[derive(Default)]
@@ -204,6 +207,7 @@ async fn drive(
     let w = waiters.clone();
     let listener = tokio::spawn(async move {
         while let Some(msg) = sub.next().await {
+            let at = Instant::now();
             let Ok(env) = Envelope::decode(&msg.payload) else {
                 continue;
             };
@@ -212,6 +216,7 @@ async fn drive(
                     Ending {
                         status: e.status.clone(),
                         reason: e.cancel_reason.map(|r| r.as_str().to_owned()),
+                        at,
                     }
                 }
                 _ => continue,
@@ -319,11 +324,12 @@ async fn drive(
                     );
                 }
                 bar.inc(1);
+                let finished_at = ending.as_ref().map_or_else(Instant::now, |e| e.at);
                 done.push((
                     id,
                     Done {
-                        latency: t0.elapsed(),
-                        finished_at: Instant::now(),
+                        latency: finished_at.saturating_duration_since(t0),
+                        finished_at,
                         ending,
                     },
                 ));

@@ -235,16 +235,19 @@ pub async fn run<H: Handler>(
         // handlers that batch); several batches run at once.
         let batch = spec.batch_size.max(1);
         let parallel = spec.concurrency.max(1).div_ceil(batch);
-        pull.messages()
-            .take_until(shutdown.cancelled())
-            .ready_chunks(batch)
-            .for_each_concurrent(parallel, |msgs| {
+        for_each_bounded(
+            pull.messages()
+                .take_until(shutdown.cancelled())
+                .ready_chunks(batch),
+            parallel,
+            |msgs| {
                 let js = js.clone();
                 let spec = spec.clone();
                 let handler = handler.clone();
                 async move { process(&js, &spec, handler.as_ref(), msgs).await }
-            })
-            .await;
+            },
+        )
+        .await;
         if let Some(e) = pull.ended() {
             tracing::warn!(error = %e, consumer = %spec.durable, "pull ended; pulling anew");
             metrics::counter!("consumer_pulls_renewed_total", "consumer" => spec.durable.clone())
@@ -253,6 +256,50 @@ pub async fn run<H: Handler>(
         }
     }
     Ok(())
+}
+
+/// Runs `work` on each item of `items`, at most `limit` at a time, until `items` ends.
+///
+/// `for_each_concurrent` does the same through `FuturesUnordered`, which wakes its own task
+/// whenever every future it holds has been polled and is still pending: with one batch in
+/// flight, after every statement a handler sent. Tokio takes that wake-up for a yield: it
+/// requeues the task and wakes the other worker thread to steal it, which then also takes the
+/// socket poller, so each step of a saga paid two thread wake-ups and the answer from Postgres
+/// was read on the other core. This polls the (few) futures in flight on every wake-up instead
+/// and never wakes itself.
+pub async fn for_each_bounded<S, F, Fut>(items: S, limit: usize, mut work: F)
+where
+    S: futures_util::Stream,
+    F: FnMut(S::Item) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let limit = limit.max(1);
+    let mut items = std::pin::pin!(items);
+    let mut ended = false;
+    let mut running: Vec<std::pin::Pin<Box<Fut>>> = Vec::with_capacity(limit);
+    std::future::poll_fn(|cx| {
+        running.retain_mut(|f| f.as_mut().poll(cx).is_pending());
+        while !ended && running.len() < limit {
+            match items.as_mut().poll_next(cx) {
+                std::task::Poll::Ready(Some(item)) => {
+                    let mut f = Box::pin(work(item));
+                    if f.as_mut().poll(cx).is_pending() {
+                        running.push(f);
+                    }
+                }
+                std::task::Poll::Ready(None) => ended = true,
+                std::task::Poll::Pending => break,
+            }
+        }
+        // Every future in `running` and, below the limit, `items` has registered this task's
+        // waker: whichever can move on wakes it.
+        if ended && running.is_empty() {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await
 }
 
 /// A delivered message with its decoded envelope (or why it could not be decoded) and span.
@@ -488,6 +535,67 @@ fn sanitize_header(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Polls `fut` with a waker that counts its wake-ups.
+    fn poll_counting<F: Future>(
+        fut: std::pin::Pin<&mut F>,
+        wakes: &Arc<CountingWaker>,
+    ) -> std::task::Poll<F::Output> {
+        let waker = std::task::Waker::from(wakes.clone());
+        fut.poll(&mut std::task::Context::from_waker(&waker))
+    }
+
+    #[derive(Default)]
+    struct CountingWaker(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for CountingWaker {
+        fn wake(self: Arc<Self>) {
+            self.wake_by_ref();
+        }
+        fn wake_by_ref(self: &Arc<Self>) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn bounded_work_never_wakes_itself_and_keeps_to_its_limit() {
+        use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+        let (senders, receivers): (Vec<_>, Vec<_>) = (0..5)
+            .map(|_| tokio::sync::oneshot::channel::<()>())
+            .unzip();
+        let (running, most, done) = (
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(AtomicUsize::new(0)),
+        );
+        let mut all = std::pin::pin!(for_each_bounded(
+            futures_util::stream::iter(receivers),
+            2,
+            |rx| {
+                let (running, most, done) = (running.clone(), most.clone(), done.clone());
+                async move {
+                    most.fetch_max(running.fetch_add(1, SeqCst) + 1, SeqCst);
+                    let _ = rx.await;
+                    running.fetch_sub(1, SeqCst);
+                    done.fetch_add(1, SeqCst);
+                }
+            },
+        ));
+        let wakes = Arc::new(CountingWaker::default());
+        assert!(poll_counting(all.as_mut(), &wakes).is_pending());
+        // Two in flight, both waiting: nothing may wake the task but their senders.
+        assert_eq!(wakes.0.load(SeqCst), 0);
+        assert_eq!(running.load(SeqCst), 2);
+        for (i, tx) in senders.into_iter().enumerate() {
+            let _ = tx.send(());
+            assert_eq!(wakes.0.load(SeqCst), i + 1, "woken by the sender, once");
+            let finished = poll_counting(all.as_mut(), &wakes).is_ready();
+            assert_eq!(finished, i == 4);
+            assert_eq!(wakes.0.load(SeqCst), i + 1, "no wake-up of its own");
+        }
+        assert_eq!(done.load(SeqCst), 5);
+        assert_eq!(most.load(SeqCst), 2);
+    }
 
     #[test]
     fn retry_delay_grows_and_is_capped() {

@@ -532,9 +532,11 @@ impl SagaStore {
         let writer = self.clone();
         tokio::spawn(async move {
             let mut rx = rx;
-            futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
-                .ready_chunks(max_batch.max(1))
-                .for_each_concurrent(parallel.max(1), |batch| {
+            saga_shared_events::consumer::for_each_bounded(
+                futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+                    .ready_chunks(max_batch.max(1)),
+                parallel,
+                |batch| {
                     let writer = writer.clone();
                     metrics::gauge!(INTAKE_WAITING).decrement(batch.len() as f64);
                     async move {
@@ -544,8 +546,9 @@ impl SagaStore {
                             let _ = reply.send(result);
                         }
                     }
-                })
-                .await;
+                },
+            )
+            .await;
         });
         self.intake = Some(tx);
     }

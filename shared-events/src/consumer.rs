@@ -265,8 +265,10 @@ pub async fn run<H: Handler>(
 /// flight, after every statement a handler sent. Tokio takes that wake-up for a yield: it
 /// requeues the task and wakes the other worker thread to steal it, which then also takes the
 /// socket poller, so each step of a saga paid two thread wake-ups and the answer from Postgres
-/// was read on the other core. This polls the (few) futures in flight on every wake-up instead
-/// and never wakes itself.
+/// was read on the other core. This polls every future in flight on every wake-up instead, and
+/// never wakes itself: meant for the few batches a consumer runs at once (`CONSUMER_CONCURRENCY`
+/// over `CONSUMER_BATCH`, one by default). Tokio's per-task budget still makes it yield when
+/// `items` stays ready for long.
 pub async fn for_each_bounded<S, F, Fut>(items: S, limit: usize, mut work: F)
 where
     S: futures_util::Stream,

@@ -6,16 +6,22 @@
 //! JetStream's window and the inbox absorb.
 
 use std::collections::BTreeMap;
-use std::future::Future;
+use std::future::{Future, IntoFuture};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::Poll;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::Context as JetStream;
+use async_nats::jetstream::context::PublishError;
+use async_nats::jetstream::publish::PublishAck;
 use bytes::Bytes;
 use futures_util::future::join_all;
 use sqlx::postgres::PgListener;
 use sqlx::{PgConnection, PgPool};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -93,22 +99,73 @@ pub const FAST_PATH_GRACE: Duration = Duration::from_secs(2);
 #[derive(Clone)]
 pub struct Outbox {
     js: JetStream,
-    /// Rows whose messages were all acknowledged, with their message count.
-    acked: tokio::sync::mpsc::UnboundedSender<(Uuid, u64)>,
+    /// Rows handed to the client whose acknowledgements the sweeper has yet to see.
+    handed: Arc<Handed>,
     tracker: tokio_util::task::TaskTracker,
     fast_path: bool,
 }
 
+/// A publish acknowledgement still to come.
+type AckFuture = Pin<Box<dyn Future<Output = Result<PublishAck, PublishError>> + Send>>;
+
+/// A row whose messages the client took, waiting for their acknowledgements.
+struct HandedRow {
+    row: (Uuid, u64),
+    acks: Vec<AckFuture>,
+    since: Instant,
+}
+
+/// Rows handed over, shared by the publishing handlers and the sweeper. Handing a row over wakes
+/// nobody while the sweeper is awake: a wake-up there would push the client's connection task,
+/// woken by the publish a moment before, off the handler's worker, and the messages would wait for
+/// the other worker to wake up and write them.
+#[derive(Default)]
+struct Handed {
+    rows: Mutex<Vec<HandedRow>>,
+    /// The sweeper found nothing to check and waits for `wake`.
+    asleep: AtomicBool,
+    wake: Notify,
+    closing: AtomicBool,
+}
+
+impl Handed {
+    fn push(&self, row: HandedRow) {
+        if let Ok(mut rows) = self.rows.lock() {
+            rows.push(row);
+        }
+        if self.asleep.swap(false, Ordering::AcqRel) {
+            self.wake.notify_one();
+        }
+    }
+
+    fn take_into(&self, checking: &mut Vec<HandedRow>) {
+        if let Ok(mut rows) = self.rows.lock() {
+            checking.append(&mut rows);
+        }
+    }
+}
+
+/// How often the sweeper looks at the acknowledgements of the rows handed over; a row is deleted
+/// later anyway ([`DELETE_WINDOW`]), and the relay leaves it alone for [`FAST_PATH_GRACE`].
+const ACK_SWEEP: Duration = Duration::from_millis(20);
+
+/// How long a handed-over row waits for its acknowledgements before it is left to the relay.
+const ACK_WAIT: Duration = Duration::from_secs(5);
+
 impl Outbox {
-    /// An outbox publishing on `js`; spawns the task that deletes acknowledged rows in batches.
-    /// With `fast_path` off, rows are left to the relay (woken by NOTIFY).
+    /// An outbox publishing on `js`; spawns the task that deletes acknowledged rows in batches,
+    /// and the one that collects the fast path's acknowledgements. With `fast_path` off, rows are
+    /// left to the relay (woken by NOTIFY).
     pub fn new(pool: PgPool, js: JetStream, fast_path: bool, shutdown: CancellationToken) -> Self {
         let (acked, rx) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(delete_acked(pool, rx, shutdown));
+        let handed = Arc::new(Handed::default());
+        let tracker = tokio_util::task::TaskTracker::new();
+        tracker.spawn(sweep_acks(handed.clone(), acked));
         Outbox {
             js,
-            acked,
-            tracker: tokio_util::task::TaskTracker::new(),
+            handed,
+            tracker,
             fast_path,
         }
     }
@@ -137,52 +194,117 @@ impl Outbox {
         let row = (messages[0].message_id, messages.len() as u64);
         let js = self.js.clone();
         let mut handing = Box::pin(async move {
-            let mut acks = Vec::with_capacity(messages.len());
+            let mut acks: Vec<AckFuture> = Vec::with_capacity(messages.len());
             for m in messages {
                 let headers = header_map(&m.headers);
-                acks.push(
-                    js.publish_with_headers(m.subject, headers, Bytes::from(m.payload))
-                        .await?,
-                );
+                let ack = js
+                    .publish_with_headers(m.subject, headers, Bytes::from(m.payload))
+                    .await?;
+                acks.push(ack.into_future());
             }
-            Ok::<_, async_nats::jetstream::context::PublishError>(acks)
+            Ok::<_, PublishError>(acks)
         });
         // Polled once here: the messages the client takes at once are handed over on the
         // caller's task, before it acknowledges what it consumed (the next service starts
         // sooner); the rest, if the client's buffer is full (broker down), in the background,
         // so the caller never waits for the broker.
         let mut cx = std::task::Context::from_waker(futures_util::task::noop_waker_ref());
-        let handed = handing.as_mut().poll(&mut cx);
-        let acked = self.acked.clone();
-        self.tracker.spawn(async move {
-            let handed = match handed {
-                Poll::Ready(handed) => handed,
-                Poll::Pending => handing.await,
-            };
-            let acks = match handed {
-                Ok(acks) => acks,
-                Err(e) => {
-                    tracing::debug!(error = %e, "fast publish failed; relay will retry");
-                    return;
-                }
-            };
-            for ack in acks {
-                if !matches!(
-                    tokio::time::timeout(Duration::from_secs(5), ack).await,
-                    Ok(Ok(_))
-                ) {
-                    tracing::debug!("fast publish not acknowledged; relay will retry");
-                    return;
-                }
+        match handing.as_mut().poll(&mut cx) {
+            Poll::Ready(Ok(acks)) => self.handed.push(HandedRow {
+                row,
+                acks,
+                since: Instant::now(),
+            }),
+            Poll::Ready(Err(e)) => {
+                tracing::debug!(error = %e, "fast publish failed; relay will retry");
             }
-            let _ = acked.send(row);
-        });
+            Poll::Pending => {
+                let handed = self.handed.clone();
+                self.tracker.spawn(async move {
+                    match handing.await {
+                        Ok(acks) => handed.push(HandedRow {
+                            row,
+                            acks,
+                            since: Instant::now(),
+                        }),
+                        Err(e) => {
+                            tracing::debug!(error = %e, "fast publish failed; relay will retry")
+                        }
+                    }
+                });
+            }
+        }
     }
 
     /// Waits (bounded) for fast-path publishes in flight; used at shutdown.
     pub async fn drain(&self, within: Duration) {
         self.tracker.close();
+        self.handed.closing.store(true, Ordering::Release);
+        self.handed.wake.notify_one();
         let _ = tokio::time::timeout(within, self.tracker.wait()).await;
+    }
+}
+
+/// Collects the acknowledgements of the rows handed over every [`ACK_SWEEP`], and reports each row
+/// whose messages were all acknowledged. It polls them without a waker of its own: an arriving
+/// acknowledgement wakes no task, and a row costs the sweeper one look per sweep. It sleeps while
+/// nothing is handed over, and ends at [`Outbox::drain`] once the rows it holds are settled.
+async fn sweep_acks(handed: Arc<Handed>, acked: tokio::sync::mpsc::UnboundedSender<(Uuid, u64)>) {
+    let mut checking: Vec<HandedRow> = Vec::new();
+    loop {
+        handed.take_into(&mut checking);
+        if checking.is_empty() {
+            if handed.closing.load(Ordering::Acquire) {
+                return;
+            }
+            handed.asleep.store(true, Ordering::Release);
+            // A row pushed before `asleep` was set found no one to wake: look once more.
+            handed.take_into(&mut checking);
+            if checking.is_empty() {
+                handed.wake.notified().await;
+            }
+            handed.asleep.store(false, Ordering::Release);
+            continue;
+        }
+        tokio::time::sleep(ACK_SWEEP).await;
+        handed.take_into(&mut checking);
+        // Unconstrained: with hundreds of rows, tokio's budget would otherwise cut the sweep short.
+        tokio::task::unconstrained(futures_util::future::poll_fn(|_| {
+            let mut cx = std::task::Context::from_waker(futures_util::task::noop_waker_ref());
+            checking.retain_mut(|row| match settle(row, &mut cx) {
+                Poll::Pending => true,
+                Poll::Ready(true) => {
+                    let _ = acked.send(row.row);
+                    false
+                }
+                Poll::Ready(false) => false,
+            });
+            Poll::Ready(())
+        }))
+        .await;
+    }
+}
+
+/// Whether all of a row's messages were acknowledged (`true`) or one of them will not be (`false`:
+/// left to the relay); pending while acknowledgements are still to come.
+fn settle(row: &mut HandedRow, cx: &mut std::task::Context<'_>) -> Poll<bool> {
+    let mut failed = false;
+    row.acks.retain_mut(|ack| match ack.as_mut().poll(cx) {
+        Poll::Pending => true,
+        Poll::Ready(Ok(_)) => false,
+        Poll::Ready(Err(_)) => {
+            failed = true;
+            false
+        }
+    });
+    if failed || (!row.acks.is_empty() && row.since.elapsed() >= ACK_WAIT) {
+        tracing::debug!("fast publish not acknowledged; relay will retry");
+        return Poll::Ready(false);
+    }
+    if row.acks.is_empty() {
+        Poll::Ready(true)
+    } else {
+        Poll::Pending
     }
 }
 
@@ -596,5 +718,110 @@ pub async fn watch_pending(pool: PgPool, shutdown: CancellationToken) {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_secs(2)) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::FutureExt;
+
+    fn ack_ok() -> AckFuture {
+        Box::pin(async { Ok(serde_json::from_str(r#"{"stream":"S","seq":1}"#).expect("an ack")) })
+    }
+
+    fn ack_failed() -> AckFuture {
+        Box::pin(async {
+            Err(PublishError::new(
+                async_nats::jetstream::context::PublishErrorKind::TimedOut,
+            ))
+        })
+    }
+
+    fn row(acks: Vec<AckFuture>) -> HandedRow {
+        HandedRow {
+            row: (Uuid::now_v7(), acks.len() as u64),
+            acks,
+            since: Instant::now(),
+        }
+    }
+
+    fn settled(row: &mut HandedRow) -> Poll<bool> {
+        let mut cx = std::task::Context::from_waker(futures_util::task::noop_waker_ref());
+        settle(row, &mut cx)
+    }
+
+    #[test]
+    fn a_row_settles_when_all_its_acks_are_in() {
+        assert_eq!(
+            settled(&mut row(vec![ack_ok(), ack_ok()])),
+            Poll::Ready(true)
+        );
+
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let later: AckFuture = Box::pin(async move {
+            let _ = rx.await;
+            ack_ok().await
+        });
+        let mut waiting = row(vec![ack_ok(), later]);
+        assert_eq!(settled(&mut waiting), Poll::Pending);
+        assert_eq!(
+            waiting.acks.len(),
+            1,
+            "the acknowledged message is not looked at again"
+        );
+        let _ = tx.send(());
+        assert_eq!(settled(&mut waiting), Poll::Ready(true));
+    }
+
+    #[test]
+    fn a_failed_or_overdue_ack_leaves_the_row_to_the_relay() {
+        assert_eq!(
+            settled(&mut row(vec![ack_ok(), ack_failed()])),
+            Poll::Ready(false)
+        );
+
+        let mut overdue = row(vec![Box::pin(std::future::pending())]);
+        assert_eq!(settled(&mut overdue), Poll::Pending);
+        overdue.since = Instant::now()
+            .checked_sub(ACK_WAIT)
+            .expect("the clock is past ACK_WAIT");
+        assert_eq!(settled(&mut overdue), Poll::Ready(false));
+    }
+
+    #[test]
+    fn handing_over_wakes_only_a_sleeping_sweeper() {
+        let handed = Handed::default();
+        handed.push(row(vec![]));
+        assert!(
+            handed.wake.notified().now_or_never().is_none(),
+            "an awake sweeper is not woken"
+        );
+        handed.asleep.store(true, Ordering::Release);
+        handed.push(row(vec![]));
+        assert!(handed.wake.notified().now_or_never().is_some());
+        assert!(!handed.asleep.load(Ordering::Acquire));
+        let mut checking = Vec::new();
+        handed.take_into(&mut checking);
+        assert_eq!(checking.len(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_sweeper_reports_settled_rows_and_ends_when_drained() {
+        let handed = Arc::new(Handed::default());
+        let (acked, mut reported) = tokio::sync::mpsc::unbounded_channel();
+        let sweeper = tokio::spawn(sweep_acks(handed.clone(), acked));
+        let good = row(vec![ack_ok(), ack_ok()]);
+        let id = good.row;
+        handed.push(good);
+        handed.push(row(vec![ack_failed()]));
+        assert_eq!(reported.recv().await, Some(id));
+        handed.closing.store(true, Ordering::Release);
+        handed.wake.notify_one();
+        sweeper.await.expect("the sweeper ends");
+        assert!(
+            reported.try_recv().is_err(),
+            "the failed row is not reported"
+        );
     }
 }

@@ -724,6 +724,10 @@ impl SagaStore {
                 .map(|s| (s.order_id, Some(Entry::aged(s.loaded(), 0.0, 0.0)))),
         );
         self.outbox.publish_committed(messages);
+        // The answers to the requests come next, and waking their tasks would push the client's
+        // connection task, woken by the hand-over, to the other worker: the commands would wait
+        // for its wake-up. Yielding lets this worker write them first.
+        tokio::task::yield_now().await;
         Ok(written)
     }
 

@@ -16,8 +16,13 @@
 //! services' messaging schema) instead of inserting one row, and `FLOOR_MESSAGES=saga` sends
 //! messages of a saga's size with its headers (message id, trace context) instead of 17 bytes.
 
+use std::future::{Future, IntoFuture};
+use std::pin::Pin;
+use std::task::Context;
 use std::time::{Duration, Instant};
 
+use async_nats::jetstream::context::{PublishAckFuture, PublishError};
+use async_nats::jetstream::publish::PublishAck;
 use async_nats::jetstream::{self, consumer, stream};
 use saga_shared_events::db::BatchPool;
 use saga_shared_events::pull::{Pull, PullOptions};
@@ -86,11 +91,26 @@ async fn pull(js: &jetstream::Context, durable: &str) -> Result<Pull, Error> {
     Ok(Pull::start(js, "FLOOR", durable, options).await?)
 }
 
+/// Publish acknowledgements still to come, looked at on each new publish without a waker, as the
+/// services' outbox sweeper does: a task awaiting each one, spawned after the publish, would push
+/// the NATS connection task that the publish woke to the other worker.
+#[derive(Default)]
+struct Acks(Vec<Pin<Box<dyn Future<Output = Result<PublishAck, PublishError>> + Send>>>);
+
+impl Acks {
+    fn add(&mut self, ack: PublishAckFuture) {
+        let mut cx = Context::from_waker(futures_util::task::noop_waker_ref());
+        self.0.retain_mut(|a| a.as_mut().poll(&mut cx).is_pending());
+        self.0.push(Box::pin(ack.into_future()));
+    }
+}
+
 /// One step: commit a row, then publish the next message and acknowledge the one that caused it
-/// (the services' order), leaving the publish acknowledgement to a task of its own.
+/// (the services' order), leaving the publish acknowledgement to `acks`.
 async fn step(
     db: &BatchPool,
     js: &jetstream::Context,
+    acks: &mut Acks,
     saga: uuid::Uuid,
     n: i32,
     next: Option<String>,
@@ -140,7 +160,7 @@ async fn step(
         } else {
             js.publish(subject, payload.into()).await?
         };
-        tokio::spawn(ack.into_future());
+        acks.add(ack);
     }
     Ok(())
 }
@@ -148,13 +168,22 @@ async fn step(
 async fn participant(database: &str, nats: &str, name: &str) -> Result<(), Error> {
     let db = connect_db(database, name).await?;
     let js = jetstream::new(async_nats::connect(nats).await?);
+    let mut acks = Acks::default();
     let mut messages = pull(&js, name).await?;
     // Until the driver stops this process, or the pull ends.
     loop {
         let msg = messages.next().await?;
         let saga = uuid::Uuid::from_slice(msg.payload.get(..16).ok_or("short payload")?)?;
         let n = i32::from(*msg.payload.get(16).ok_or("short payload")?) + 1;
-        step(&db, &js, saga, n, Some(format!("floor.reply.{name}"))).await?;
+        step(
+            &db,
+            &js,
+            &mut acks,
+            saga,
+            n,
+            Some(format!("floor.reply.{name}")),
+        )
+        .await?;
         msg.ack().await?;
     }
 }
@@ -171,6 +200,7 @@ async fn drive(database: &str, nats: &str, sagas: usize) -> Result<(), Error> {
     .await?;
     conn.release();
     let js = jetstream::new(async_nats::connect(nats).await?);
+    let mut acks = Acks::default();
     let _ = js.delete_stream("FLOOR").await;
     let stream = js
         .create_stream(stream::Config {
@@ -215,7 +245,15 @@ async fn drive(database: &str, nats: &str, sagas: usize) -> Result<(), Error> {
         let mut n = 0;
         for p in PARTICIPANTS.iter().map(Some).chain([None]) {
             let commit = Instant::now();
-            step(&db, &js, saga, n, p.map(|p| format!("floor.cmd.{p}"))).await?;
+            step(
+                &db,
+                &js,
+                &mut acks,
+                saga,
+                n,
+                p.map(|p| format!("floor.cmd.{p}")),
+            )
+            .await?;
             if i >= warm_up {
                 commits.push(commit.elapsed());
             }

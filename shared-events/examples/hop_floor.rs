@@ -16,14 +16,14 @@
 //! services' messaging schema) instead of inserting one row, and `FLOOR_MESSAGES=saga` sends
 //! messages of a saga's size with its headers (message id, trace context) instead of 17 bytes.
 
-use std::future::{Future, IntoFuture};
-use std::pin::Pin;
+use std::future::IntoFuture;
 use std::task::Context;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::context::{PublishAckFuture, PublishError};
 use async_nats::jetstream::publish::PublishAck;
 use async_nats::jetstream::{self, consumer, stream};
+use futures_util::future::BoxFuture;
 use saga_shared_events::db::BatchPool;
 use saga_shared_events::pull::{Pull, PullOptions};
 
@@ -95,13 +95,13 @@ async fn pull(js: &jetstream::Context, durable: &str) -> Result<Pull, Error> {
 /// services' outbox sweeper does: a task awaiting each one, spawned after the publish, would push
 /// the NATS connection task that the publish woke to the other worker.
 #[derive(Default)]
-struct Acks(Vec<Pin<Box<dyn Future<Output = Result<PublishAck, PublishError>> + Send>>>);
+struct Acks(Vec<BoxFuture<'static, Result<PublishAck, PublishError>>>);
 
 impl Acks {
     fn add(&mut self, ack: PublishAckFuture) {
         let mut cx = Context::from_waker(futures_util::task::noop_waker_ref());
         self.0.retain_mut(|a| a.as_mut().poll(&mut cx).is_pending());
-        self.0.push(Box::pin(ack.into_future()));
+        self.0.push(ack.into_future());
     }
 }
 

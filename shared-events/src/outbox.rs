@@ -7,7 +7,6 @@
 
 use std::collections::BTreeMap;
 use std::future::{Future, IntoFuture};
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
@@ -18,7 +17,7 @@ use async_nats::jetstream::Context as JetStream;
 use async_nats::jetstream::context::PublishError;
 use async_nats::jetstream::publish::PublishAck;
 use bytes::Bytes;
-use futures_util::future::join_all;
+use futures_util::future::{BoxFuture, join_all};
 use sqlx::postgres::PgListener;
 use sqlx::{PgConnection, PgPool};
 use tokio::sync::Notify;
@@ -106,7 +105,7 @@ pub struct Outbox {
 }
 
 /// A publish acknowledgement still to come.
-type AckFuture = Pin<Box<dyn Future<Output = Result<PublishAck, PublishError>> + Send>>;
+type AckFuture = BoxFuture<'static, Result<PublishAck, PublishError>>;
 
 /// A row whose messages the client took, waiting for their acknowledgements.
 struct HandedRow {

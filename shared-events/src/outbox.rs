@@ -124,10 +124,21 @@ struct Handed {
     /// The sweeper found nothing to check and waits for `wake`.
     asleep: AtomicBool,
     wake: Notify,
-    closing: AtomicBool,
 }
 
 impl Handed {
+    /// A row's hand-over ended: its acknowledgements are awaited, or the row is left to the relay.
+    fn handed_over(&self, row: (Uuid, u64), handed: Result<Vec<AckFuture>, PublishError>) {
+        match handed {
+            Ok(acks) => self.push(HandedRow {
+                row,
+                acks,
+                since: Instant::now(),
+            }),
+            Err(e) => tracing::debug!(error = %e, "fast publish failed; relay will retry"),
+        }
+    }
+
     fn push(&self, row: HandedRow) {
         if let Ok(mut rows) = self.rows.lock() {
             rows.push(row);
@@ -160,7 +171,7 @@ impl Outbox {
         tokio::spawn(delete_acked(pool, rx, shutdown));
         let handed = Arc::new(Handed::default());
         let tracker = tokio_util::task::TaskTracker::new();
-        tracker.spawn(sweep_acks(handed.clone(), acked));
+        tracker.spawn(sweep_acks(handed.clone(), acked, tracker.clone()));
         Outbox {
             js,
             handed,
@@ -209,28 +220,11 @@ impl Outbox {
         // so the caller never waits for the broker.
         let mut cx = std::task::Context::from_waker(futures_util::task::noop_waker_ref());
         match handing.as_mut().poll(&mut cx) {
-            Poll::Ready(Ok(acks)) => self.handed.push(HandedRow {
-                row,
-                acks,
-                since: Instant::now(),
-            }),
-            Poll::Ready(Err(e)) => {
-                tracing::debug!(error = %e, "fast publish failed; relay will retry");
-            }
+            Poll::Ready(handed) => self.handed.handed_over(row, handed),
             Poll::Pending => {
                 let handed = self.handed.clone();
-                self.tracker.spawn(async move {
-                    match handing.await {
-                        Ok(acks) => handed.push(HandedRow {
-                            row,
-                            acks,
-                            since: Instant::now(),
-                        }),
-                        Err(e) => {
-                            tracing::debug!(error = %e, "fast publish failed; relay will retry")
-                        }
-                    }
-                });
+                self.tracker
+                    .spawn(async move { handed.handed_over(row, handing.await) });
             }
         }
     }
@@ -238,7 +232,6 @@ impl Outbox {
     /// Waits (bounded) for fast-path publishes in flight; used at shutdown.
     pub async fn drain(&self, within: Duration) {
         self.tracker.close();
-        self.handed.closing.store(true, Ordering::Release);
         self.handed.wake.notify_one();
         let _ = tokio::time::timeout(within, self.tracker.wait()).await;
     }
@@ -248,12 +241,16 @@ impl Outbox {
 /// whose messages were all acknowledged. It polls them without a waker of its own: an arriving
 /// acknowledgement wakes no task, and a row costs the sweeper one look per sweep. It sleeps while
 /// nothing is handed over, and ends at [`Outbox::drain`] once the rows it holds are settled.
-async fn sweep_acks(handed: Arc<Handed>, acked: tokio::sync::mpsc::UnboundedSender<(Uuid, u64)>) {
+async fn sweep_acks(
+    handed: Arc<Handed>,
+    acked: tokio::sync::mpsc::UnboundedSender<(Uuid, u64)>,
+    tracker: tokio_util::task::TaskTracker,
+) {
     let mut checking: Vec<HandedRow> = Vec::new();
     loop {
         handed.take_into(&mut checking);
         if checking.is_empty() {
-            if handed.closing.load(Ordering::Acquire) {
+            if tracker.is_closed() {
                 return;
             }
             handed.asleep.store(true, Ordering::Release);
@@ -809,13 +806,14 @@ mod tests {
     async fn the_sweeper_reports_settled_rows_and_ends_when_drained() {
         let handed = Arc::new(Handed::default());
         let (acked, mut reported) = tokio::sync::mpsc::unbounded_channel();
-        let sweeper = tokio::spawn(sweep_acks(handed.clone(), acked));
+        let tracker = tokio_util::task::TaskTracker::new();
+        let sweeper = tokio::spawn(sweep_acks(handed.clone(), acked, tracker.clone()));
         let good = row(vec![ack_ok(), ack_ok()]);
         let id = good.row;
         handed.push(good);
         handed.push(row(vec![ack_failed()]));
         assert_eq!(reported.recv().await, Some(id));
-        handed.closing.store(true, Ordering::Release);
+        tracker.close();
         handed.wake.notify_one();
         sweeper.await.expect("the sweeper ends");
         assert!(

@@ -65,6 +65,7 @@ pub async fn connect(
         match try_connect(&opts, max_connections).await {
             Ok(pool) => {
                 migrator.run(&pool).await?;
+                warn_without_vacuum(&pool).await;
                 return Ok(pool);
             }
             Err(e) if is_missing_database(&e) => create_database(&opts, &name).await?,
@@ -74,6 +75,68 @@ pub async fn connect(
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
         }
+    }
+}
+
+/// Tables that delete rows all the time: the outbox (every published row) and the inbox (its
+/// daily prune). Without vacuum their dead rows pile up and every statement on them slows down.
+pub const CHURNING_TABLES: [&str; 2] = ["outbox", "processed_message"];
+
+/// What keeps autovacuum away from [`CHURNING_TABLES`] in the connected database: the server's
+/// `autovacuum` setting, or a table's own `autovacuum_enabled`. Empty when nothing does.
+pub async fn vacuum_gaps(conn: &mut PgConnection) -> Result<Vec<String>, sqlx::Error> {
+    let server_on: bool = sqlx::query_scalar("select current_setting('autovacuum')::bool")
+        .fetch_one(&mut *conn)
+        .await?;
+    let tables: Vec<(String, Option<Vec<String>>)> = sqlx::query_as(
+        "select relname::text, reloptions from pg_class \
+         where relname = any($1) and relnamespace = current_schema()::text::regnamespace \
+         order by relname",
+    )
+    .bind(&CHURNING_TABLES[..])
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut gaps = Vec::new();
+    if !server_on {
+        gaps.push("autovacuum is off on this Postgres server".to_owned());
+    }
+    for (table, options) in tables {
+        let disabled = options.unwrap_or_default().iter().any(|o| {
+            o.split_once('=').is_some_and(|(k, v)| {
+                k == "autovacuum_enabled" && is_false(&v.to_ascii_lowercase())
+            })
+        });
+        if disabled {
+            gaps.push(format!("autovacuum is disabled on table {table}"));
+        }
+    }
+    Ok(gaps)
+}
+
+/// Postgres' spellings of false for a boolean option.
+fn is_false(v: &str) -> bool {
+    matches!(
+        v,
+        "f" | "fa" | "fal" | "fals" | "false" | "n" | "no" | "of" | "off" | "0"
+    )
+}
+
+/// Logs each of [`vacuum_gaps`]; a service runs without vacuum, but slows down over days.
+async fn warn_without_vacuum(pool: &PgPool) {
+    let gaps = match pool.acquire().await {
+        Ok(mut conn) => vacuum_gaps(&mut conn).await,
+        Err(e) => Err(e),
+    };
+    match gaps {
+        Ok(gaps) => {
+            for gap in gaps {
+                tracing::warn!(
+                    "{gap}: the outbox and the inbox delete rows constantly and bloat without \
+                     vacuum; turn autovacuum on, or VACUUM them regularly"
+                );
+            }
+        }
+        Err(e) => tracing::debug!(error = %e, "cannot read the autovacuum settings"),
     }
 }
 

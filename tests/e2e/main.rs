@@ -4,6 +4,7 @@
 
 mod api;
 mod auth;
+mod database;
 mod faults;
 mod flows;
 mod messaging;

@@ -79,7 +79,7 @@ pub async fn connect(
 }
 
 /// Tables that delete rows all the time: the outbox (every published row) and the inbox (its
-/// daily prune). Without vacuum their dead rows pile up and every statement on them slows down.
+/// hourly prune). Without vacuum their dead rows pile up and every statement on them slows down.
 pub const CHURNING_TABLES: [&str; 2] = ["outbox", "processed_message"];
 
 /// What keeps autovacuum away from [`CHURNING_TABLES`] in the connected database: the server's

@@ -85,40 +85,28 @@ pub const CHURNING_TABLES: [&str; 2] = ["outbox", "processed_message"];
 /// What keeps autovacuum away from [`CHURNING_TABLES`] in the connected database: the server's
 /// `autovacuum` setting, or a table's own `autovacuum_enabled`. Empty when nothing does.
 pub async fn vacuum_gaps(conn: &mut PgConnection) -> Result<Vec<String>, sqlx::Error> {
-    let server_on: bool = sqlx::query_scalar("select current_setting('autovacuum')::bool")
-        .fetch_one(&mut *conn)
-        .await?;
-    let tables: Vec<(String, Option<Vec<String>>)> = sqlx::query_as(
-        "select relname::text, reloptions from pg_class \
-         where relname = any($1) and relnamespace = current_schema()::text::regnamespace \
-         order by relname",
+    // Postgres reads its own boolean spellings (`off`, `0`, `f`, ...) of the setting and options.
+    let (server_on, disabled): (bool, Vec<String>) = sqlx::query_as(
+        "select current_setting('autovacuum')::bool, \
+                array(select c.relname::text \
+                      from pg_class c, pg_options_to_table(c.reloptions) o \
+                      where c.relname = any($1) \
+                        and c.relnamespace = current_schema()::text::regnamespace \
+                        and o.option_name = 'autovacuum_enabled' and not o.option_value::bool \
+                      order by c.relname)",
     )
     .bind(&CHURNING_TABLES[..])
-    .fetch_all(&mut *conn)
+    .fetch_one(&mut *conn)
     .await?;
-    let mut gaps = Vec::new();
-    if !server_on {
-        gaps.push("autovacuum is off on this Postgres server".to_owned());
-    }
-    for (table, options) in tables {
-        let disabled = options.unwrap_or_default().iter().any(|o| {
-            o.split_once('=').is_some_and(|(k, v)| {
-                k == "autovacuum_enabled" && is_false(&v.to_ascii_lowercase())
-            })
-        });
-        if disabled {
-            gaps.push(format!("autovacuum is disabled on table {table}"));
-        }
-    }
-    Ok(gaps)
-}
-
-/// Postgres' spellings of false for a boolean option.
-fn is_false(v: &str) -> bool {
-    matches!(
-        v,
-        "f" | "fa" | "fal" | "fals" | "false" | "n" | "no" | "of" | "off" | "0"
-    )
+    let server = (!server_on).then(|| "autovacuum is off on this Postgres server".to_owned());
+    Ok(server
+        .into_iter()
+        .chain(
+            disabled
+                .into_iter()
+                .map(|table| format!("autovacuum is disabled on table {table}")),
+        )
+        .collect())
 }
 
 /// Logs each of [`vacuum_gaps`]; a service runs without vacuum, but slows down over days.
